@@ -1,0 +1,123 @@
+"""Every Redis key Cohort uses, built here and nowhere else, under one prefix.
+
+Results are the one exception to the prefix: they live where Celery's Redis result backend
+keeps them (``celery-task-meta-<id>``) so that ``AsyncResult(id).get()`` works from any client.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+CELERY_RESULT_PREFIX = "celery-task-meta-"
+GROUPER_CONSUMER_GROUP = "groupers"
+
+
+@dataclass(frozen=True)
+class Keys:
+    """Key builders for one deployment (one prefix)."""
+
+    prefix: str = "cohort"
+
+    def _k(self, *parts: str) -> str:
+        return ":".join((self.prefix, *parts))
+
+    # --- submission and grouping -------------------------------------------------------
+    def item(self, item_id: str) -> str:
+        """JSON body of one item (``PromptItem.to_json``)."""
+        return self._k("item", item_id)
+
+    def pending_stream(self) -> str:
+        """Stream of submitted item ids, read by the grouper through a consumer group."""
+        return self._k("pending")
+
+    def open_pool(self) -> str:
+        """Sorted set of item ids claimed by the grouper and not yet in a batch (score: submit time)."""
+        return self._k("open")
+
+    def open_meta(self) -> str:
+        """Hash item id -> partition, for the items of the open pool."""
+        return self._k("open", "meta")
+
+    def partition_count(self, partition: str) -> str:
+        """Counter of pending items per partition, to flush a full partition before the next tick."""
+        return self._k("pcount", partition)
+
+    def flush_trigger(self) -> str:
+        """Short-lived flag: a grouping tick has been requested because a partition filled up."""
+        return self._k("flush", "trigger")
+
+    def grouper_lock(self) -> str:
+        return self._k("lock", "grouper")
+
+    def embedding(self, text_hash: str, encoder: str) -> str:
+        """Cached embedding (float32 bytes) of a text under one encoder."""
+        return self._k("emb", encoder, text_hash)
+
+    # --- batches and delivery ----------------------------------------------------------
+    def batch(self, batch_id: str) -> str:
+        """JSON record of one batch: item ids, kind, dispatch count."""
+        return self._k("batch", batch_id)
+
+    def inflight(self) -> str:
+        """Sorted set of batch ids dispatched and not completed (score: last dispatch time)."""
+        return self._k("inflight")
+
+    def result(self, item_id: str) -> str:
+        """Celery's result key of the item (final answer or error)."""
+        return f"{CELERY_RESULT_PREFIX}{item_id}"
+
+    def item_status(self, item_id: str) -> str:
+        """Hash of an item's progress (status, batch, attempts) for status queries."""
+        return self._k("status", item_id)
+
+    def answer_claim(self, item_id: str) -> str:
+        """Set once an upstream answer for the item is being produced (for duplicate-call counting)."""
+        return self._k("claim", item_id)
+
+    # --- coalescing and cache ----------------------------------------------------------
+    def semantic_cache_index(self, tenant: str, partition: str) -> str:
+        return self._k("cache", tenant, partition, "index")
+
+    def semantic_cache_entry(self, tenant: str, partition: str, entry_id: str) -> str:
+        return self._k("cache", tenant, partition, "entry", entry_id)
+
+    # --- tiers, circuits, budgets, rate limits ------------------------------------------
+    def circuit(self, tier: str) -> str:
+        return self._k("circuit", tier)
+
+    def tier_disabled(self, tier: str) -> str:
+        return self._k("tier", tier, "disabled")
+
+    def rate_window(self, tier: str, kind: str, window: int) -> str:
+        return self._k("rate", tier, kind, str(window))
+
+    def budget(self, scope: str, period: str) -> str:
+        """Spend of a scope (``global`` or ``tenant:<name>``) in a period (``day:YYYY-MM-DD``...)."""
+        return self._k("budget", scope, period)
+
+    def attempts(self, item_id: str) -> str:
+        return self._k("attempts", item_id)
+
+    # --- observability -----------------------------------------------------------------
+    def events(self) -> str:
+        """Stream of item outcome and upstream call events (bounded), read by reports and metrics."""
+        return self._k("events")
+
+    def counters(self) -> str:
+        """Hash of running totals (items, calls, tokens, cost)."""
+        return self._k("counters")
+
+    def alerts(self) -> str:
+        return self._k("alerts")
+
+    def alert_history(self) -> str:
+        return self._k("alerts", "history")
+
+    def heartbeat(self, node: str) -> str:
+        return self._k("heartbeat", node)
+
+    def heartbeats(self) -> str:
+        return self._k("heartbeats")
+
+    def api_rate(self, tenant: str, window: int) -> str:
+        return self._k("api", "rate", tenant, str(window))

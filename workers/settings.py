@@ -1,0 +1,99 @@
+"""Worker-side settings: grouping, delivery, and the parsed config the tiers are built from."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Any
+
+from producers.settings import (
+    ProducerSettings,
+    check_keys,
+    producer_settings,
+    read_config,
+    section,
+    typed,
+)
+
+
+@dataclass(frozen=True)
+class GroupingSettings:
+    """How the grouping beat task forms batches."""
+
+    interval_s: float = 0.25
+    """Beat period of the grouping task (default 250 ms)."""
+    similarity_threshold: float = 0.85
+    """Cosine similarity for an item to join a cluster (default 0.85)."""
+    max_batch_size: int = 16
+    """A cluster is flushed when it holds this many items (default 16)."""
+    max_wait_s: float = 0.5
+    """A cluster is flushed when its oldest item has waited this long (default 0.5 s)."""
+    encoder: str = "all-MiniLM-L6-v2"
+    """Encoder name (the packaged all-MiniLM-L6-v2) or the directory of a sentence-transformers model."""
+    claim_count: int = 2000
+    """Most new items claimed from the stream per tick."""
+    max_open_items: int = 100_000
+    """Most items held open for clustering; above it the oldest are flushed first."""
+    coalesce_near_duplicates: bool = True
+    """Answer near-identical prompts once when the strict sameness test agrees (default on)."""
+    pack_contexts: bool = True
+    """Pack items that share a context into one call (default on)."""
+
+
+@dataclass(frozen=True)
+class DeliverySettings:
+    """Delivery guarantees: see README, 'Nothing lost'."""
+
+    visibility_timeout_s: int = 600
+    """Redis broker visibility timeout: unacknowledged batches are redelivered after it."""
+    max_redeliveries: int = 3
+    """A batch delivered more often than this fails its unanswered items."""
+    task_time_limit_s: int = 300
+    """Hard time limit of one batch task (kept below the visibility timeout)."""
+    redispatch_after_s: float = 5.0
+    """A batch recorded but not confirmed dispatched after this long is dispatched again."""
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    """Everything a worker, beat or grouper needs, built once per process."""
+
+    producer: ProducerSettings
+    grouping: GroupingSettings = field(default_factory=GroupingSettings)
+    delivery: DeliverySettings = field(default_factory=DeliverySettings)
+    config: Mapping[str, Any] = field(default_factory=dict)
+    """The parsed config file, from which tiers, budgets and alerts are read by their own modules."""
+
+
+def worker_settings(config: Mapping[str, Any], env: Mapping[str, str] | None = None) -> WorkerSettings:
+    grouping = section(config, "grouping")
+    check_keys(grouping, set(GroupingSettings.__dataclass_fields__), where="grouping")
+    delivery = section(config, "delivery")
+    check_keys(delivery, set(DeliverySettings.__dataclass_fields__), where="delivery")
+    g = GroupingSettings(
+        interval_s=typed(grouping, "interval_s", float, 0.25, where="grouping", minimum=0.01, maximum=60),
+        similarity_threshold=typed(grouping, "similarity_threshold", float, 0.85, where="grouping",
+                                   minimum=0.0, maximum=1.0),
+        max_batch_size=typed(grouping, "max_batch_size", int, 16, where="grouping", minimum=1, maximum=256),
+        max_wait_s=typed(grouping, "max_wait_s", float, 0.5, where="grouping", minimum=0.0, maximum=3600),
+        encoder=typed(grouping, "encoder", str, "all-MiniLM-L6-v2", where="grouping"),
+        claim_count=typed(grouping, "claim_count", int, 2000, where="grouping", minimum=1),
+        max_open_items=typed(grouping, "max_open_items", int, 100_000, where="grouping", minimum=1),
+        coalesce_near_duplicates=typed(grouping, "coalesce_near_duplicates", bool, True, where="grouping"),
+        pack_contexts=typed(grouping, "pack_contexts", bool, True, where="grouping"),
+    )
+    d = DeliverySettings(
+        visibility_timeout_s=typed(delivery, "visibility_timeout_s", int, 600, where="delivery", minimum=1),
+        max_redeliveries=typed(delivery, "max_redeliveries", int, 3, where="delivery", minimum=0),
+        task_time_limit_s=typed(delivery, "task_time_limit_s", int, 300, where="delivery", minimum=1),
+        redispatch_after_s=typed(delivery, "redispatch_after_s", float, 5.0, where="delivery", minimum=0.1),
+    )
+    return WorkerSettings(producer=producer_settings(config, env), grouping=g, delivery=d, config=config)
+
+
+@lru_cache(maxsize=1)
+def load_worker_settings() -> WorkerSettings:
+    """The settings of this process, read once from ``COHORT_CONFIG`` and the environment."""
+    return worker_settings(read_config(None, os.environ), os.environ)
