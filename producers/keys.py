@@ -75,6 +75,14 @@ class Keys:
         return self._k("claim", item_id)
 
     # --- coalescing and cache ----------------------------------------------------------
+    def coalesce(self, partition: str, kind: str, digest: str) -> str:
+        """Marker of one request's answer: ``kind`` is ``exact`` (normalized text) or ``near`` (strict signature)."""
+        return self._k("co", kind, partition, digest)
+
+    def coalesce_followers(self, partition: str, kind: str, digest: str) -> str:
+        """List of item ids waiting for the answer of a coalescing leader."""
+        return self._k("co", kind, partition, digest, "followers")
+
     def semantic_cache_index(self, tenant: str, partition: str) -> str:
         return self._k("cache", tenant, partition, "index")
 
@@ -85,6 +93,10 @@ class Keys:
     def circuit(self, tier: str) -> str:
         return self._k("circuit", tier)
 
+    def circuit_probe(self, tier: str) -> str:
+        """Held (SET NX, with expiry) by the one worker probing a half-open circuit."""
+        return self._k("circuit", tier, "probe")
+
     def tier_disabled(self, tier: str) -> str:
         return self._k("tier", tier, "disabled")
 
@@ -94,6 +106,10 @@ class Keys:
     def budget(self, scope: str, period: str) -> str:
         """Spend of a scope (``global`` or ``tenant:<name>``) in a period (``day:YYYY-MM-DD``...)."""
         return self._k("budget", scope, period)
+
+    def budget_holds(self, scope: str, period: str) -> str:
+        """Sorted set of the open reservations on a budget (score: expiry), so crashed calls release."""
+        return self._k("budget", scope, period, "holds")
 
     def attempts(self, item_id: str) -> str:
         return self._k("attempts", item_id)
@@ -108,10 +124,40 @@ class Keys:
         return self._k("counters")
 
     def alerts(self) -> str:
+        """Hash of the active alerts: alert id -> JSON record (one entry while active: deduplicated)."""
         return self._k("alerts")
 
     def alert_history(self) -> str:
+        """Capped list of alert transitions (fired, resolved), newest first."""
         return self._k("alerts", "history")
+
+    def alert_state(self) -> str:
+        """Hash of the alert evaluator's own memory between runs (e.g. when pending depth began to grow)."""
+        return self._k("alerts", "state")
+
+    def alert_lock(self) -> str:
+        """Short-lived lock so that one alert evaluation runs at a time across processes."""
+        return self._k("alerts", "lock")
+
+    def metric_counters(self) -> str:
+        """Hash of labelled running counters: ``name|{"label":"value"}`` -> number."""
+        return self._k("obs", "counters")
+
+    def metric_histograms(self) -> str:
+        """Hash of histogram buckets: ``name|{labels}|<upper bound>``, ``...|sum``, ``...|count``."""
+        return self._k("obs", "hist")
+
+    def metric_gauges(self) -> str:
+        """Hash of last-known values written by roles (e.g. the grouper's open items)."""
+        return self._k("obs", "gauges")
+
+    def metric_window(self, second: int) -> str:
+        """Hash of the figures of one wall-clock second (expires): live rates and alert windows."""
+        return self._k("obs", "win", str(second))
+
+    def circuit_transitions(self) -> str:
+        """Hash tier -> JSON of the last circuit transition recorded by telemetry."""
+        return self._k("obs", "circuits")
 
     def heartbeat(self, node: str) -> str:
         return self._k("heartbeat", node)
@@ -120,4 +166,9 @@ class Keys:
         return self._k("heartbeats")
 
     def api_rate(self, tenant: str, window: int) -> str:
+        """Requests of a tenant to the HTTP API in one rate-limit window (a minute index)."""
         return self._k("api", "rate", tenant, str(window))
+
+    def broker_queue(self, queue: str) -> str:
+        """Celery's Redis list of the tasks waiting in ``queue`` (Celery's own key: no prefix)."""
+        return queue

@@ -38,6 +38,10 @@ class GroupingSettings:
     """Most items held open for clustering; above it the oldest are flushed first."""
     coalesce_near_duplicates: bool = True
     """Answer near-identical prompts once when the strict sameness test agrees (default on)."""
+    near_duplicate_threshold: float = 0.9
+    """Cosine two near-duplicates must also reach, besides equal strict signatures (default 0.9)."""
+    coalesce_window_s: int = 600
+    """How long an answer is reused for exact duplicates of its prompt (default 10 minutes)."""
     pack_contexts: bool = True
     """Pack items that share a context into one call (default on)."""
 
@@ -83,6 +87,9 @@ def worker_settings(config: Mapping[str, Any], env: Mapping[str, str] | None = N
         max_open_items=typed(grouping, "max_open_items", int, 100_000, where="grouping", minimum=1),
         coalesce_near_duplicates=typed(grouping, "coalesce_near_duplicates", bool, True, where="grouping"),
         pack_contexts=typed(grouping, "pack_contexts", bool, True, where="grouping"),
+        near_duplicate_threshold=typed(grouping, "near_duplicate_threshold", float, 0.9, where="grouping",
+                                       minimum=0.0, maximum=1.0),
+        coalesce_window_s=typed(grouping, "coalesce_window_s", int, 600, where="grouping", minimum=0),
     )
     d = DeliverySettings(
         visibility_timeout_s=typed(delivery, "visibility_timeout_s", int, 600, where="delivery", minimum=1),

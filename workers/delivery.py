@@ -1,0 +1,126 @@
+"""Ending items: one final result each, shared with coalesced followers, recorded once.
+
+Every path that ends an item (answered by a call, served from a coalesced answer, failed by a
+provider, a budget, a deadline or too many redeliveries) goes through ``Finisher``, so that:
+the result is written at most once; followers of a leader get the leader's answer (or are
+submitted again if the leader failed); telemetry counts each item exactly once.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+
+from producers.errors import CohortError
+from producers.keys import Keys
+from producers.schema import PromptItem
+from workers.coalescing import CoalescingStore, coalescing_scope
+from workers.pending import requeue
+from workers.results import ResultWriter
+from workers.settings import WorkerSettings
+from workers.telemetry import Telemetry
+
+
+@dataclass(frozen=True)
+class Baseline:
+    """What one call per prompt on the primary tier would have cost for an item."""
+
+    tokens_in: int
+    tokens_out: int
+    cost: float
+
+
+class Finisher:
+    """Writes final results and fans them out to followers."""
+
+    def __init__(self, settings: WorkerSettings, client: redis.Redis, *, telemetry: Telemetry) -> None:
+        self.settings = settings
+        self.keys: Keys = settings.producer.redis.keys
+        self._redis = client
+        self.writer = ResultWriter(client, self.keys, ttl_s=settings.producer.result_ttl_s)
+        self.coalescing = CoalescingStore(client, self.keys, inflight_ttl_s=settings.producer.result_ttl_s)
+        self._telemetry = telemetry
+
+    def _keep_s(self, kind: str, tenant: str) -> int:
+        if kind == "exact":
+            return self.settings.grouping.coalesce_window_s
+        return int(self.settings.producer.tenant_policy(tenant).cache_ttl_s)
+
+    def answered(self, item: PromptItem, answer: dict[str, Any], *, leads: list[tuple[str, str]],
+                 baseline: Baseline | None = None) -> None:
+        """Store an item's answer, then answer every follower waiting on it."""
+        if self.writer.answer(item.id, answer):
+            self._record(item, answer, baseline=baseline)
+        shared = {k: v for k, v in answer.items() if k not in ("id", "metadata", "timings")}
+        for kind, digest in leads:
+            followers = self.coalescing.complete(partition=coalescing_scope(item), kind=kind, digest=digest,
+                                                 leader=item.id, answer=shared, keep_s=self._keep_s(kind, item.tenant))
+            self._answer_followers(followers, shared)
+
+    def _answer_followers(self, follower_ids: list[str], shared: dict[str, Any]) -> None:
+        if not follower_ids:
+            return
+        now = time.time()
+        for follower in self._load(follower_ids):
+            waited = now - follower.submitted_at
+            answer = dict(shared, id=follower.id, coalesced=True, cached=False, tokens_in=0, tokens_out=0,
+                          cost=0.0, metadata=follower.metadata,
+                          timings={"queue_wait_s": waited, "model_call_s": 0.0, "end_to_end_s": waited})
+            if self.writer.answer(follower.id, answer):
+                self._record(follower, answer, baseline=None)
+
+    def served(self, item: PromptItem, shared: dict[str, Any]) -> None:
+        """Answer an item from a stored answer (coalescing window or semantic cache)."""
+        waited = time.time() - item.submitted_at
+        answer = dict(shared, id=item.id, coalesced=True, cached=True, tokens_in=0, tokens_out=0, cost=0.0,
+                      metadata=item.metadata,
+                      timings={"queue_wait_s": waited, "model_call_s": 0.0, "end_to_end_s": waited})
+        if self.writer.answer(item.id, answer):
+            self._record(item, answer, baseline=None)
+
+    def failed(self, item: PromptItem, error: CohortError, *, leads: list[tuple[str, str]]) -> None:
+        """Store an item's final error; its followers are submitted again, not failed with it."""
+        if self.writer.fail(item.id, error):
+            waited = time.time() - item.submitted_at
+            self._telemetry.item_finished(tenant=item.tenant, tier=None, outcome="failed", cost=0.0, tokens_in=0,
+                                          tokens_out=0, queue_wait_s=waited, model_call_s=0.0,
+                                          end_to_end_s=waited, error_code=error.code)
+        for kind, digest in leads:
+            followers = self.coalescing.complete(partition=coalescing_scope(item), kind=kind, digest=digest,
+                                                 leader=item.id, answer=None, keep_s=0)
+            if followers:
+                requeue(self._redis, self.keys, self.writer, followers, partition=item.partition,
+                        max_requeues=self.settings.delivery.max_redeliveries, reason="its leader failed")
+
+    def fail_ids(self, item_ids: list[str], error: CohortError, *, leads: dict[str, list[tuple[str, str]]]) -> None:
+        """Fail items known by id only (their bodies are loaded when still present)."""
+        loaded = {item.id: item for item in self._load(item_ids)}
+        for item_id in item_ids:
+            item = loaded.get(item_id)
+            if item is None:
+                self.writer.fail(item_id, error)
+            else:
+                self.failed(item, error, leads=[tuple(x) for x in leads.get(item_id, [])])  # type: ignore[misc]
+
+    def _record(self, item: PromptItem, answer: dict[str, Any], *, baseline: Baseline | None) -> None:
+        timings = answer.get("timings") or {}
+        self._telemetry.item_finished(
+            tenant=item.tenant, tier=answer.get("tier"), outcome="answered", cost=float(answer.get("cost", 0.0)),
+            tokens_in=int(answer.get("tokens_in", 0)), tokens_out=int(answer.get("tokens_out", 0)),
+            queue_wait_s=float(timings.get("queue_wait_s", 0.0)), model_call_s=float(timings.get("model_call_s", 0.0)),
+            end_to_end_s=float(timings.get("end_to_end_s", 0.0)), coalesced=bool(answer.get("coalesced")),
+            cached=bool(answer.get("cached")))
+
+    def _load(self, item_ids: list[str]) -> list[PromptItem]:
+        raws = self._redis.mget([self.keys.item(i) for i in item_ids])
+        items = []
+        for raw in raws:
+            if raw is not None:
+                try:
+                    items.append(PromptItem.from_json(raw))
+                except CohortError:
+                    continue
+        return items

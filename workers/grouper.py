@@ -1,0 +1,394 @@
+"""The grouping tick: claim pending items, coalesce duplicates, cluster, flush batches.
+
+One tick, run by Celery beat every ``interval_s`` (and at once when a producer fills a
+partition), under a Redis lock so that one grouper runs at a time however many nodes exist:
+
+1. claim new item ids from the pending stream and move them into the open pool;
+2. embed them (cached by text hash) and coalesce exact and strict near-duplicates onto leaders;
+3. cluster each partition's open items by cosine similarity (``workers.clustering``);
+4. flush a batch when a cluster is full, when a partition holds a full batch, when the oldest
+   item has waited ``max_wait_s``, or when an item's deadline is near; items sharing a context
+   (explicit, or a long common prompt prefix) are flushed together as one packed batch;
+5. record each batch in Redis before sending its task, and send again any batch whose task was
+   never confirmed sent or has outlived the broker's redelivery window.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import redis
+
+from producers.errors import CohortError, DeadlineExceeded, InvalidPrompt, RedeliveryLimit
+from producers.keys import Keys
+from producers.schema import PromptItem
+from workers.clustering import cluster
+from workers.coalescing import Marker, coalescing_scope
+from workers.delivery import Finisher
+from workers.encoder import CachedEncoder, text_hash
+from workers.packing import prefix_key
+from workers.pending import PendingStream
+from workers.sameness import exact_digest, strict_signature
+from workers.settings import WorkerSettings
+from workers.telemetry import Telemetry
+
+LOCK_TTL_MS = 30_000
+DEADLINE_MARGIN_S = 0.25
+
+_RELEASE_LOCK = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+Dispatch = Callable[[str, int], None]
+"""Sends the task of a recorded batch: ``dispatch(batch_id, item_count)``."""
+
+
+@dataclass
+class OpenItem:
+    item: PromptItem
+    vector: np.ndarray
+    group: str
+    """Partition, plus the context key when the item shares a context with others."""
+    context_key: str | None
+    leads: list[tuple[str, str]] = field(default_factory=list)
+    """Coalescing markers (kind, digest) this item leads."""
+
+
+@dataclass(frozen=True)
+class TickReport:
+    ran: bool
+    claimed: int = 0
+    coalesced: int = 0
+    batches: int = 0
+    dispatched_items: int = 0
+    open_items: int = 0
+    duration_s: float = 0.0
+
+
+class Grouper:
+    """Forms batches from pending items. One per grouper process; state is rebuilt from Redis."""
+
+    def __init__(self, settings: WorkerSettings, client: redis.Redis, *, encoder: CachedEncoder,
+                 dispatch: Dispatch, telemetry: Telemetry | None = None,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.settings = settings
+        self.grouping = settings.grouping
+        self.keys: Keys = settings.producer.redis.keys
+        self._redis = client
+        self._encoder = encoder
+        self._dispatch = dispatch
+        self._telemetry = telemetry or Telemetry(client, self.keys)
+        self._clock = clock
+        self._stream = PendingStream(client, self.keys)
+        self._finisher = Finisher(settings, client, telemetry=self._telemetry)
+        self._writer = self._finisher.writer
+        self._coalescing = self._finisher.coalescing
+        self._release = client.register_script(_RELEASE_LOCK)
+        self._open: dict[str, OpenItem] = {}
+        self._generation: int | None = None
+
+    def warm_up(self) -> None:
+        """Load the encoder now rather than on the first tick."""
+        self._encoder.encoder.encode(["warm up"])
+
+    # --- the tick ----------------------------------------------------------------------
+    def tick(self) -> TickReport:
+        """Run one grouping tick if this process can take the grouper lock."""
+        token = uuid.uuid4().hex
+        if not self._redis.set(self.keys.grouper_lock(), token, nx=True, px=LOCK_TTL_MS):
+            return TickReport(ran=False)
+        started = time.perf_counter()
+        try:
+            self._reconcile()
+            claimed, coalesced = self._claim()
+            batches, items = self._flush()
+            self._sweep_inflight()
+        finally:
+            self._release(keys=[self.keys.grouper_lock()], args=[token])
+        duration = time.perf_counter() - started
+        self._telemetry.grouping_tick(duration_s=duration, claimed=claimed, dispatched=items,
+                                      open_items=len(self._open))
+        return TickReport(True, claimed, coalesced, batches, items, len(self._open), duration)
+
+    # --- open pool bookkeeping ---------------------------------------------------------
+    def _reconcile(self) -> None:
+        """Reload the open pool if another grouper process changed it since our last tick."""
+        raw = self._redis.get(self._generation_key())
+        current = int(raw) if raw else 0
+        if self._generation == current:
+            return
+        ids = [i.decode() for i in self._redis.zrange(self.keys.open_pool(), 0, -1)]
+        known = {i: self._open[i] for i in ids if i in self._open}
+        missing = [i for i in ids if i not in known]
+        self._open = known
+        if missing:
+            items, gone = self._load_items(missing)
+            if gone:
+                self._redis.zrem(self.keys.open_pool(), *gone)
+            self._admit(items, coalesce=False)
+        self._generation = current
+
+    def _generation_key(self) -> str:
+        return self.keys.open_pool() + ":gen"
+
+    def _bump_generation(self, pipe: redis.client.Pipeline) -> None:
+        pipe.incr(self._generation_key())
+
+    def _load_items(self, item_ids: list[str]) -> tuple[list[PromptItem], list[str]]:
+        """Bodies of items still waiting; ids whose body expired or that are already final."""
+        finals = self._writer.finals(item_ids)
+        items: list[PromptItem] = []
+        gone: list[str] = []
+        for start in range(0, len(item_ids), 1000):
+            chunk = item_ids[start:start + 1000]
+            for item_id, raw in zip(chunk, self._redis.mget([self.keys.item(i) for i in chunk]), strict=True):
+                if raw is None or item_id in finals:
+                    gone.append(item_id)
+                    continue
+                try:
+                    items.append(PromptItem.from_json(raw))
+                except InvalidPrompt as exc:
+                    self._writer.fail(item_id, exc)
+                    gone.append(item_id)
+        return items, gone
+
+    # --- 1 and 2: claim, embed, coalesce ----------------------------------------------
+    def _claim(self) -> tuple[int, int]:
+        entries = self._stream.claim(self.grouping.claim_count)
+        if not entries:
+            return 0, 0
+        items, _gone = self._load_items([e.item_id for e in entries])
+        pipe = self._redis.pipeline(transaction=True)
+        for item in items:
+            pipe.zadd(self.keys.open_pool(), {item.id: item.submitted_at})
+            pipe.hset(self.keys.item_status(item.id), "status", "grouping")
+        counts: dict[str, int] = defaultdict(int)
+        for item in items:
+            counts[item.partition] += 1
+        for partition, count in counts.items():
+            pipe.decrby(self.keys.partition_count(partition), count)
+        self._stream.ack(pipe, [e.entry_id for e in entries])
+        self._bump_generation(pipe)
+        pipe.execute()
+        self._generation = (self._generation or 0) + 1
+        coalesced = self._admit(items, coalesce=True)
+        return len(entries), coalesced
+
+    def _admit(self, items: list[PromptItem], *, coalesce: bool) -> int:
+        """Embed items and add them to the open pool, coalescing duplicates onto leaders."""
+        if not items:
+            return 0
+        vectors = self._encoder.embed([item.prompt for item in items])
+        taken: list[str] = []
+        for item, vector in zip(items, vectors, strict=True):
+            context_key = self._context_key(item)
+            group = item.partition if context_key is None else f"{item.partition}#{context_key}"
+            open_item = OpenItem(item, vector, group, context_key)
+            if coalesce and item.coalesce and self._coalesce(open_item):
+                taken.append(item.id)
+                continue
+            self._open[item.id] = open_item
+        if taken:
+            pipe = self._redis.pipeline(transaction=True)
+            pipe.zrem(self.keys.open_pool(), *taken)
+            self._bump_generation(pipe)
+            pipe.execute()
+            self._generation = (self._generation or 0) + 1
+        return len(taken)
+
+    def _context_key(self, item: PromptItem) -> str | None:
+        if not self.grouping.pack_contexts:
+            return None
+        if item.context:
+            return "ctx:" + text_hash(item.context)[:16]
+        key = prefix_key(item.prompt)
+        return None if key is None else "pre:" + key
+
+    def _coalesce(self, entry: OpenItem) -> bool:
+        """Attach the item to a leader of the same request; True if it no longer needs a call."""
+        item = entry.item
+        scope = coalescing_scope(item)
+        own_hash = text_hash(item.prompt)
+        marker = self._coalescing.attach(partition=scope, kind="exact", digest=exact_digest(item.prompt),
+                                         item_id=item.id, text_hash=own_hash)
+        if self._settle(entry, marker):
+            return True
+        entry.leads.append(("exact", marker.digest))
+        signature = strict_signature(item.prompt) if self.grouping.coalesce_near_duplicates else None
+        if signature is None:
+            return False
+        current = self._coalescing.peek(partition=scope, kind="near", digest=signature)
+        if current is not None and current.get("leader") != item.id:
+            leader_vector = self._encoder.cached_vector(current.get("text_hash") or "")
+            if leader_vector is None or float(leader_vector @ entry.vector) < self.grouping.near_duplicate_threshold:
+                return False
+            marker = self._coalescing.attach(partition=scope, kind="near", digest=signature, item_id=item.id,
+                                             text_hash=own_hash, may_lead=False)
+            return self._settle(entry, marker)
+        marker = self._coalescing.attach(partition=scope, kind="near", digest=signature, item_id=item.id,
+                                         text_hash=own_hash)
+        if self._settle(entry, marker):
+            return True
+        if marker.role == "leader":
+            entry.leads.append(("near", signature))
+        return False
+
+    def _settle(self, entry: OpenItem, marker: Marker) -> bool:
+        if marker.role == "follower":
+            self._redis.hset(self.keys.item_status(entry.item.id), "status", "coalesced")
+            return True
+        if marker.role == "done" and marker.answer is not None:
+            self._finisher.served(entry.item, marker.answer)
+            return True
+        return False
+
+    # --- 3 and 4: cluster and flush -----------------------------------------------------
+    def _flush(self) -> tuple[int, int]:
+        now = self._clock()
+        self._fail_expired(now)
+        by_group: dict[str, list[OpenItem]] = defaultdict(list)
+        for entry in self._open.values():
+            by_group[entry.group].append(entry)
+        batches: list[tuple[list[OpenItem], str]] = []
+        for group_items in by_group.values():
+            group_items.sort(key=lambda e: e.item.submitted_at)
+            if group_items[0].context_key is not None:
+                batches += [(b, "packed") for b in self._flush_context_group(group_items, now)]
+            else:
+                batches += [(b, "cluster") for b in self._flush_partition(group_items, now)]
+        dispatched = 0
+        for members, kind in batches:
+            self._record_and_dispatch(members, kind)
+            dispatched += len(members)
+        return len(batches), dispatched
+
+    def _due(self, members: list[OpenItem], now: float) -> bool:
+        oldest = min(m.item.submitted_at for m in members)
+        if now - oldest >= self.grouping.max_wait_s:
+            return True
+        deadlines = [m.item.deadline for m in members if m.item.deadline is not None]
+        return bool(deadlines) and min(deadlines) - now <= self.grouping.max_wait_s + DEADLINE_MARGIN_S
+
+    def _flush_context_group(self, members: list[OpenItem], now: float) -> list[list[OpenItem]]:
+        size = self.grouping.max_batch_size
+        chunks = [members[i:i + size] for i in range(0, len(members), size)]
+        return [c for c in chunks if len(c) == size or self._due(c, now)]
+
+    def _flush_partition(self, members: list[OpenItem], now: float) -> list[list[OpenItem]]:
+        size = self.grouping.max_batch_size
+        if len(members) == 1:
+            return [members] if self._due(members, now) else []
+        vectors = np.vstack([m.vector for m in members])
+        clusters = [[members[i] for i in c]
+                    for c in cluster(vectors, threshold=self.grouping.similarity_threshold, max_size=size)]
+        ready = [c for c in clusters if len(c) == size]
+        rest = [c for c in clusters if len(c) < size]
+        rest.sort(key=lambda c: c[0].item.submitted_at)
+        # Pack the remaining clusters, similar items side by side, into batches of at most ``size``.
+        packed: list[list[OpenItem]] = []
+        current: list[OpenItem] = []
+        for members_of_cluster in rest:
+            if len(current) + len(members_of_cluster) > size:
+                packed.append(current)
+                current = []
+            current = current + members_of_cluster
+        if current:
+            packed.append(current)
+        for batch in packed:
+            if len(batch) >= size or self._due(batch, now):
+                ready.append(batch)
+        return ready
+
+    def _fail_expired(self, now: float) -> None:
+        expired = [e for e in self._open.values() if e.item.deadline is not None and e.item.deadline <= now]
+        if not expired:
+            return
+        for entry in expired:
+            error = DeadlineExceeded("deadline passed while the item waited for a batch",
+                                     waited_s=round(now - entry.item.submitted_at, 3))
+            self._finish_failed(entry, error)
+
+    def _finish_failed(self, entry: OpenItem, error: CohortError) -> None:
+        self._open.pop(entry.item.id, None)
+        pipe = self._redis.pipeline(transaction=True)
+        pipe.zrem(self.keys.open_pool(), entry.item.id)
+        self._bump_generation(pipe)
+        pipe.execute()
+        self._generation = (self._generation or 0) + 1
+        self._finisher.failed(entry.item, error, leads=entry.leads)
+
+    # --- 5: record, dispatch, redispatch ------------------------------------------------
+    def _record_and_dispatch(self, members: list[OpenItem], kind: str) -> None:
+        batch_id = uuid.uuid4().hex
+        now = self._clock()
+        record = {
+            "items": json.dumps([m.item.id for m in members]),
+            "leads": json.dumps({m.item.id: m.leads for m in members if m.leads}),
+            "kind": kind,
+            "tenant": members[0].item.tenant,
+            "created": now,
+            "dispatched_at": 0,
+            "dispatches": 0,
+        }
+        pipe = self._redis.pipeline(transaction=True)
+        pipe.hset(self.keys.batch(batch_id), mapping=record)
+        pipe.expire(self.keys.batch(batch_id), self.settings.producer.result_ttl_s)
+        pipe.zadd(self.keys.inflight(), {batch_id: now})
+        pipe.zrem(self.keys.open_pool(), *[m.item.id for m in members])
+        for m in members:
+            pipe.hset(self.keys.item_status(m.item.id), mapping={"status": "batched", "batch": batch_id})
+        self._bump_generation(pipe)
+        pipe.execute()
+        self._generation = (self._generation or 0) + 1
+        for m in members:
+            self._open.pop(m.item.id, None)
+        self._send(batch_id, len(members))
+        self._telemetry.batch_dispatched(size=len(members), kind=kind, tenant=members[0].item.tenant)
+
+    def _send(self, batch_id: str, size: int) -> None:
+        self._dispatch(batch_id, size)
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.hset(self.keys.batch(batch_id), "dispatched_at", self._clock())
+        pipe.hincrby(self.keys.batch(batch_id), "dispatches", 1)
+        pipe.execute()
+
+    def _sweep_inflight(self) -> None:
+        """Send again batches whose task was lost; fail batches sent too often."""
+        now = self._clock()
+        delivery = self.settings.delivery
+        stale = self._redis.zrangebyscore(self.keys.inflight(), "-inf", now - delivery.redispatch_after_s,
+                                          start=0, num=100)
+        lost_after = delivery.visibility_timeout_s + delivery.task_time_limit_s + 30
+        for raw_id in stale:
+            batch_id = raw_id.decode()
+            record = self._redis.hgetall(self.keys.batch(batch_id))
+            if not record:
+                self._redis.zrem(self.keys.inflight(), batch_id)
+                continue
+            dispatched_at = float(record.get(b"dispatched_at", 0) or 0)
+            dispatches = int(record.get(b"dispatches", 0) or 0)
+            never_sent = dispatched_at == 0
+            if not never_sent and now - dispatched_at < lost_after:
+                continue
+            if dispatches > delivery.max_redeliveries:
+                self._fail_batch(batch_id, record, RedeliveryLimit(
+                    f"batch was dispatched {dispatches} times without completing", dispatches=dispatches))
+                continue
+            self._redis.zadd(self.keys.inflight(), {batch_id: now})
+            self._send(batch_id, len(json.loads(record[b"items"])))
+
+    def _fail_batch(self, batch_id: str, record: dict[bytes, bytes], error: CohortError) -> None:
+        item_ids = json.loads(record[b"items"])
+        leads = json.loads(record.get(b"leads", b"{}"))
+        self._finisher.fail_ids(item_ids, error, leads=leads)
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.zrem(self.keys.inflight(), batch_id)
+        pipe.delete(self.keys.batch(batch_id))
+        pipe.execute()
