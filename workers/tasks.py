@@ -93,8 +93,7 @@ _stop_heartbeat = threading.Event()
 @worker_ready.connect
 def _start_heartbeat(sender: Any = None, **_: Any) -> None:
     node = getattr(sender, "hostname", None) or f"worker@{socket.gethostname()}"
-    consumer = getattr(sender, "consumer", None)
-    task_consumer = getattr(consumer, "task_consumer", None)
+    task_consumer = getattr(sender, "task_consumer", None)  # the sender is the worker's Consumer
     queues = sorted(q.name for q in getattr(task_consumer, "queues", []))
     if GROUPER_QUEUE in queues:
         # Load the encoder before announcing the worker alive: the first tick must not stall on it.

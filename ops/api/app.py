@@ -341,7 +341,8 @@ def _validation_response(path: str, errors: Sequence[Any]) -> ApiError:
     status = 400 if path == CHAT_PATH else 422
     if any(e.get("type") == "json_invalid" for e in errors):
         return invalid("the request body is not valid JSON", status=400, code="invalid_json")
-    first = errors[0] if errors else {}
+    # The deepest location is the most specific (a union's branch that got furthest).
+    first = max(errors, key=lambda e: len(e.get("loc", ())), default={})
     loc = [p for p in first.get("loc", ()) if p not in ("body", "query", "path", "header")]
     # A union reports one error per branch (``str``, ``PromptEntry``): drop the branch names.
     loc = [p for p in loc if not (isinstance(p, str) and (p[:1].isupper() or p in ("str", "list[str]")))]

@@ -149,7 +149,9 @@ def api_settings(config: Mapping[str, Any], env: Mapping[str, str] | None = None
     )
     if require_auth is not None:
         settings = replace(settings, require_auth=require_auth)
-    _check_tenant(settings.anonymous_tenant, producer, where="api.anonymous_tenant")
+    # The anonymous tenant is used only without auth; its name must still be valid.
+    _check_tenant(settings.anonymous_tenant, producer if not settings.require_auth else
+                  replace(producer, tenants=None), where="api.anonymous_tenant")
     if settings.require_auth and not settings.key_digests:
         raise ConfigError("[api] require_auth is on but no API key is configured: add [api.keys] or "
                           "[tenants.NAME] api_keys_env (or run the demo with --demo)", key="api.keys")

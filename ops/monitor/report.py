@@ -299,7 +299,7 @@ def _fmt(value: Any, kind: str = "num") -> str:
     if kind == "rate":
         return f"{value:.2f}/s"
     if isinstance(value, float):
-        return f"{value:,.4f}"
+        return f"{value:,.2f}"
     return f"{value:,}" if isinstance(value, int) else str(value)
 
 

@@ -76,7 +76,6 @@ class MonitorApp:
         self._routes: dict[str, Callable[[dict[str, list[str]]], tuple[int, str, bytes]]] = {
             "/metrics": self._metrics,
             "/dashboard": lambda q: self._static("dashboard.html"),
-            "/dashboard/": lambda q: self._static("dashboard.html"),
             "/dashboard/data": self._dashboard_data,
             "/alerts": self._alerts,
             "/queues": self._queues,
@@ -102,7 +101,7 @@ class MonitorApp:
 
     def handle(self, path: str, query: dict[str, list[str]]) -> tuple[int, str, bytes]:
         """(status, content type, body) of a GET."""
-        if path == "/":
+        if path in ("/", "/dashboard/"):
             return HTTPStatus.FOUND, "/dashboard", b""
         if path.startswith("/static/"):
             return self._static(path.removeprefix("/static/"))
