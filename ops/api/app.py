@@ -22,6 +22,7 @@ import asyncio
 import dataclasses
 import functools
 import logging
+import threading
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -86,16 +87,25 @@ class ApiState:
         self.watcher = ResultWatcher(self.redis, keys, poll_interval_s=settings.poll_interval_s)
         self.probe = HealthProbe(self.redis, keys, heartbeat_max_age_s=settings.heartbeat_max_age_s,
                                  min_workers=settings.min_workers, max_queue_depth=settings.max_queue_depth)
-        self.executor = ThreadPoolExecutor(max_workers=settings.threads, thread_name_prefix="cohort-api")
+        self._executor: ThreadPoolExecutor | None = None
+        self._lock = threading.Lock()
 
     async def blocking(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        """Run a blocking call in the bounded pool."""
+        """Run a blocking call in the bounded pool (started on first use, again after ``close``)."""
+        with self._lock:
+            if self._executor is None:
+                self._executor = ThreadPoolExecutor(max_workers=self.settings.threads, thread_name_prefix="cohort-api")
+            executor = self._executor
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self.executor, functools.partial(fn, *args, **kwargs))
+        return await loop.run_in_executor(executor, functools.partial(fn, *args, **kwargs))
 
     def close(self) -> None:
+        """Stop the threads (at lifespan shutdown); the state stays usable."""
         self.watcher.close()
-        self.executor.shutdown(wait=False, cancel_futures=True)
+        with self._lock:
+            executor, self._executor = self._executor, None
+        if executor is not None:
+            executor.shutdown(wait=False)
 
 
 def create_app(settings: ApiSettings, *, redis_client: redis.Redis | None = None) -> FastAPI:

@@ -52,8 +52,10 @@ class ResultWatcher:
         return {i: f.result() for i, f in futures.items() if f.done() and not f.cancelled()}
 
     def close(self) -> None:
-        """Stop the polling thread (waiting requests then time out)."""
-        self._stopped.set()
+        """Stop the polling thread; a later ``wait`` starts a new one."""
+        with self._lock:
+            self._stopped.set()
+            self._thread = None
         self._wake.set()
 
     def _register(self, loop: asyncio.AbstractEventLoop, futures: dict[str, asyncio.Future[Outcome]]) -> None:
@@ -61,7 +63,10 @@ class ResultWatcher:
             for item_id, future in futures.items():
                 self._waiters.setdefault(item_id, []).append((loop, future))
             if self._thread is None or not self._thread.is_alive():
-                self._thread = threading.Thread(target=self._run, name="cohort-api-results", daemon=True)
+                # Each thread has its own stop flag, so one stopping never blocks its successor.
+                self._stopped = threading.Event()
+                self._thread = threading.Thread(target=self._run, args=(self._stopped,),
+                                                name="cohort-api-results", daemon=True)
                 self._thread.start()
         self._wake.set()
 
@@ -74,8 +79,8 @@ class ResultWatcher:
                 else:
                     self._waiters.pop(item_id, None)
 
-    def _run(self) -> None:
-        while not self._stopped.is_set():
+    def _run(self, stopped: threading.Event) -> None:
+        while not stopped.is_set():
             with self._lock:
                 ids = list(self._waiters)
                 if not ids:
@@ -87,9 +92,9 @@ class ResultWatcher:
                 self._poll(ids)
             except redis.RedisError as exc:
                 logger.warning("result polling failed: %s", type(exc).__name__)
-                self._stopped.wait(0.5)
+                stopped.wait(0.5)
                 continue
-            self._stopped.wait(self._interval)
+            stopped.wait(self._interval)
 
     def _poll(self, ids: list[str]) -> None:
         for start in range(0, len(ids), MGET_CHUNK):

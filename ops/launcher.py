@@ -1,0 +1,328 @@
+"""Launching Cohort's processes on this machine: the provider simulator and a whole stack.
+
+Used by the demo, the benchmarks and the tests::
+
+    with run_simulator(seed=0, latency_ms=5) as sim:
+        sim.set_faults("sim-large", error_429_rate=1.0, retry_after_s=0.1)
+        sim.stats()["calls"]
+
+    with run_cohort(db=11) as cohort:          # db: a Redis db of the caller's own (flushed first)
+        handle = cohort.client.submit("How do I reset my PIN?")
+        assert handle.result(timeout=30).text
+
+Simulator options become command-line flags (``latency_ms=5`` -> ``--latency-ms 5``; a dict or
+list is sent as JSON; None is left out). Each stack uses its own key prefix and stops every
+process it started.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+import httpx
+import redis
+
+from ops.configfile import default_config, write_config
+from producers import CohortClient, load_producer_settings
+from producers.keys import Keys
+
+__all__ = ["Cohort", "SimulatorHandle", "run_cohort", "run_simulator", "wait_until"]
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+REDIS_HOST = os.environ.get("COHORT_TEST_REDIS", "redis://127.0.0.1:6379")
+SIM_KEY = "sk-simulator-key"
+
+_READY = re.compile(r"^simulator listening on http://(?P<host>[^:\s]+):(?P<port>\d+)\s*$")
+
+
+class SimulatorHandle:
+    """A running simulator: its addresses and its admin endpoints."""
+
+    def __init__(self, process: subprocess.Popen[str], host: str, port: int, stderr: IO[str]) -> None:
+        self.process = process
+        self.host = host
+        self.port = port
+        self._stderr = stderr
+        self.stdout_lines: list[str] = []
+
+    @property
+    def root_url(self) -> str:
+        """``http://HOST:PORT``: the base URL for the ``anthropic`` client."""
+        return f"http://{self.host}:{self.port}"
+
+    @property
+    def base_url(self) -> str:
+        """``http://HOST:PORT/v1``: the base URL for the ``openai`` client."""
+        return f"{self.root_url}/v1"
+
+    def set_faults(self, model: str, **knobs: Any) -> dict[str, Any]:
+        """Merge knobs for ``model`` (or ``"*"``); returns every model's knobs.
+
+        Raises:
+            ValueError: the simulator refused a knob (its message names it).
+        """
+        response = httpx.post(f"{self.root_url}/admin/faults", json={"model": model, **knobs}, timeout=10)
+        if response.status_code == 400:
+            raise ValueError(response.json()["error"])
+        response.raise_for_status()
+        return response.json()["faults"]
+
+    def reset(self) -> None:
+        """Back to the start-up knobs, empty stats, random generator re-seeded."""
+        httpx.post(f"{self.root_url}/admin/reset", timeout=10).raise_for_status()
+
+    def stats(self) -> dict[str, Any]:
+        """``{"requests", "calls": {model: {outcome: n}}, "tokens_in", "tokens_out", "prompts"}``."""
+        response = httpx.get(f"{self.root_url}/admin/stats", timeout=10)
+        response.raise_for_status()
+        return response.json()
+
+    def logs(self) -> str:
+        """Everything the process wrote so far, stdout then stderr."""
+        self._stderr.flush()
+        self._stderr.seek(0)
+        return "".join(self.stdout_lines) + self._stderr.read()
+
+
+def _flags(options: dict[str, Any]) -> list[str]:
+    argv: list[str] = []
+    for name, value in options.items():
+        if value is None:
+            continue
+        if isinstance(value, dict | list):
+            value = json.dumps(value)
+        argv += [f"--{name.replace('_', '-')}", str(value)]
+    return argv
+
+
+@contextlib.contextmanager
+def run_simulator(*, startup_timeout_s: float = 20.0, **cli_options: Any) -> Iterator[SimulatorHandle]:
+    """Start the simulator, wait until it is listening, and stop it on exit.
+
+    Args:
+        startup_timeout_s: how long to wait for the ready line.
+        **cli_options: command-line options of ``python -m ops.simulator`` (``seed``, ``latency_ms``,
+            ``jitter_ms``, ``overhead_ms``, ``faults``, ``require_key``, ``log_level``, ``host``, ``port``).
+
+    Yields:
+        The running simulator.
+
+    Raises:
+        RuntimeError: the process exited or did not print its ready line in time.
+    """
+    options = {"host": "127.0.0.1", "port": 0, **cli_options}
+    argv = [sys.executable, "-m", "ops.simulator", *_flags(options)]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    with tempfile.TemporaryFile("w+", encoding="utf-8") as stderr:
+        process = subprocess.Popen(
+            argv,
+            cwd=REPO_ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            stdin=subprocess.DEVNULL,
+            text=True,
+        )
+        lines: list[str] = []
+        ready = threading.Event()
+        address: dict[str, str] = {}
+
+        def read_stdout() -> None:
+            assert process.stdout is not None
+            for line in process.stdout:
+                lines.append(line)
+                match = _READY.match(line)
+                if match and not ready.is_set():
+                    address.update(match.groupdict())
+                    ready.set()
+
+        reader = threading.Thread(target=read_stdout, name="simulator-stdout", daemon=True)
+        reader.start()
+        try:
+            deadline = time.monotonic() + startup_timeout_s
+            while not ready.wait(0.02):
+                if process.poll() is not None or time.monotonic() > deadline:
+                    stderr.seek(0)
+                    code = process.returncode
+                    why = "timed out" if code is None else f"exited with {code}"
+                    output = "".join(lines) + stderr.read()
+                    raise RuntimeError(f"simulator {why} before it was ready: {output}")
+            handle = SimulatorHandle(process, address["host"], int(address["port"]), stderr)
+            handle.stdout_lines = lines
+            yield handle
+        finally:
+            if process.poll() is None:
+                process.terminate()
+                try:
+                    process.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                    process.wait()
+            reader.join(timeout=5)
+            if process.stdout is not None:
+                process.stdout.close()
+
+
+
+
+def wait_until(condition: Any, *, timeout: float, interval: float = 0.05, message: str = "condition") -> Any:
+    """Poll ``condition()`` until it returns a truthy value; raise ``TimeoutError`` after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise TimeoutError(f"timed out after {timeout} s waiting for {message}")
+        time.sleep(interval)
+
+
+@dataclass
+class Cohort:
+    """A running Cohort and the handles a test needs."""
+
+    db: int
+    workdir: Path
+    config_path: Path
+    env: dict[str, str]
+    sim: SimulatorHandle
+    client: CohortClient
+    redis: redis.Redis
+    keys: Keys
+    processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    nodes: dict[str, str] = field(default_factory=dict)
+
+    # --- processes ---------------------------------------------------------------------
+    def start(self, name: str, args: list[str], *, node: str | None = None, wait: bool = True,
+              timeout: float = 90.0) -> subprocess.Popen[bytes]:
+        log = open(self.workdir / f"{name}.log", "ab")  # noqa: SIM115 - closed with the process
+        process = subprocess.Popen([sys.executable, "-m", "celery", "-A", "workers.app", *args], cwd=REPO_ROOT,
+                                   env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.processes[name] = process
+        if node is not None:
+            self.nodes[name] = node
+            if wait:
+                self.wait_alive(name, timeout=timeout)
+        return process
+
+    def start_grouper(self, name: str = "grouper") -> None:
+        node = f"{name}-{uuid.uuid4().hex[:6]}@test"
+        self.start(name, ["worker", "-Q", "grouper", "-P", "solo", "-c", "1", "-n", node, "--without-gossip",
+                          "--without-mingle", "-l", "warning"], node=node)
+
+    def start_inference(self, name: str = "inference", *, concurrency: int = 4, pool: str = "threads") -> None:
+        node = f"{name}-{uuid.uuid4().hex[:6]}@test"
+        self.start(name, ["worker", "-Q", "inference", "-P", pool, "-c", str(concurrency), "-n", node,
+                          "--without-gossip", "--without-mingle", "-l", "warning"], node=node)
+
+    def start_beat(self, name: str = "beat") -> None:
+        self.start(name, ["beat", "-s", str(self.workdir / f"{name}-schedule"), "--pidfile=", "-l", "warning"])
+
+    def wait_alive(self, name: str, *, timeout: float = 90.0) -> None:
+        node = self.nodes[name]
+        process = self.processes[name]
+
+        def alive() -> bool:
+            if process.poll() is not None:
+                raise RuntimeError(f"{name} exited with {process.returncode}:\n{self.log(name)}")
+            return self.redis.zscore(self.keys.heartbeats(), node) is not None
+
+        wait_until(alive, timeout=timeout, message=f"{name} heartbeat")
+
+    def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
+        """Send ``sig`` to a process and its children (a prefork pool included)."""
+        process = self.processes[name]
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, sig)
+        if sig in (signal.SIGKILL, signal.SIGTERM):
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                process.wait(timeout=20)
+        if process.poll() is not None:
+            self.redis.zrem(self.keys.heartbeats(), self.nodes.get(name, ""))
+
+    def stop_all(self) -> None:
+        for process in list(self.processes.values()):
+            if process.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(process.pid, signal.SIGTERM)
+        deadline = time.monotonic() + 15
+        for process in self.processes.values():
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                process.wait(timeout=max(0.1, deadline - time.monotonic()))
+            if process.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(process.pid, signal.SIGKILL)
+                process.wait(timeout=10)
+
+    def log(self, name: str) -> str:
+        path = self.workdir / f"{name}.log"
+        return path.read_text(errors="replace")[-4000:] if path.exists() else ""
+
+    # --- observations ------------------------------------------------------------------
+    def upstream_calls(self) -> int:
+        """Calls the simulator answered or refused, all models."""
+        return int(self.sim.stats()["requests"])
+
+
+@contextlib.contextmanager
+def run_cohort(*, db: int, config: dict[str, Any] | None = None, inference_workers: int = 1,
+               concurrency: int = 4, pool: str = "threads", beat: bool = True, grouper: bool = True,
+               sim_options: dict[str, Any] | None = None, env: dict[str, str] | None = None) -> Iterator[Cohort]:
+    """Start a Cohort on Redis db ``db`` (flushed first: it must be the caller's own)."""
+    url = f"{REDIS_HOST}/{db}"
+    client = redis.Redis.from_url(url)
+    client.flushdb()
+    prefix = f"t{uuid.uuid4().hex[:8]}"
+    with tempfile.TemporaryDirectory(prefix="cohort-test-") as tmp, \
+            run_simulator(seed=0, **(sim_options or {})) as sim:
+        workdir = Path(tmp)
+        tiers = _tiers_for(sim.base_url, config)
+        overrides = {"redis": {"url": url, "key_prefix": prefix},
+                     "grouping": {"interval_s": 0.25}, **(config or {}), "tiers": tiers}
+        config_path = write_config(workdir / "cohort.toml", overrides)
+        process_env = {**os.environ, "COHORT_CONFIG": str(config_path), "COHORT_SIM_KEY": SIM_KEY,
+                       "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1",
+                       **(env or {})}
+        process_env.pop("COHORT_REDIS_URL", None)
+        process_env.pop("COHORT_KEY_PREFIX", None)
+        settings = load_producer_settings(config_path, env={})
+        cohort = Cohort(db=db, workdir=workdir, config_path=config_path, env=process_env, sim=sim,
+                        client=CohortClient(settings), redis=client, keys=settings.redis.keys)
+        try:
+            if grouper:
+                cohort.start_grouper()
+            for index in range(inference_workers):
+                cohort.start_inference(f"inference{index}", concurrency=concurrency, pool=pool)
+            if beat:
+                cohort.start_beat()
+            yield cohort
+        except BaseException:
+            for name in cohort.processes:
+                sys.stderr.write(f"--- {name} log ---\n{cohort.log(name)}\n")
+            raise
+        finally:
+            cohort.stop_all()
+            cohort.client.close()
+            client.flushdb()
+            client.close()
+
+
+def _tiers_for(base_url: str, config: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """The packaged tiers (or the test's own), pointed at the simulator."""
+    tiers = (config or {}).get("tiers") or default_config()["tiers"]
+    return [{**tier, "base_url": base_url} if "base_url" not in tier or "127.0.0.1:8900" in tier["base_url"]
+            else tier for tier in tiers]
