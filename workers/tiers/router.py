@@ -27,6 +27,7 @@ A 200 without usage is billed at the reserved worst case.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -289,7 +290,15 @@ class TierRouter:
             tier_attempts += 1
             if request.call_id:
                 self._count_attempt(request.call_id)
-            result = self._call(run, tier, reservation, permit, complexity=complexity)
+            try:
+                result = self._call(run, tier, reservation, permit, complexity=complexity)
+            except BaseException:
+                # A time limit or a shutdown mid-call: give the hold and the probe back at once
+                # rather than when they expire (a no-op if the call had already settled).
+                with contextlib.suppress(redis.RedisError):
+                    self._ledger.release(reservation)
+                    self._breaker.release(tier.name, permit)
+                raise
             if isinstance(result, Completion):
                 return result
             error = result
