@@ -5,7 +5,9 @@ The stack is real processes (``ops.launcher.run_cohort``): the simulator (``--la
 question answered), a grouper, inference worker(s), beat, and the API (``python -m ops.api``).
 Both sides get the same prompts, in the same order, from ``--concurrency`` asyncio clients (httpx)
 sharing a bounded queue of ``--requests`` requests; a few warm-up requests per side are not counted.
-Upstream calls are the simulator's own count for each side.
+Upstream calls are the simulator's own count for each side. ``--python-side`` adds a third side:
+the same prompts through ``CohortClient`` in threads, without HTTP, to separate the API's overhead
+from the pipeline's latency.
 
 Usage::
 
@@ -92,6 +94,42 @@ async def _drive(name: str, url: str, headers: dict[str, str], model: str, promp
     return result
 
 
+async def _drive_python_client(cohort: Cohort, prompts: list[str], concurrency: int,
+                               timeout_s: float) -> SideResult:
+    """The same prompts through ``CohortClient`` (no HTTP): what the pipeline alone takes."""
+    result = SideResult("CohortClient (Python, no HTTP)")
+    queue: asyncio.Queue[str] = asyncio.Queue()
+    for prompt in prompts:
+        queue.put_nowait(prompt)
+    client = cohort.client
+
+    def ask(prompt: str) -> None:
+        client.submit(prompt, tenant="bench", max_tokens=128).result(timeout=timeout_s)
+
+    async def worker() -> None:
+        while True:
+            try:
+                prompt = queue.get_nowait()
+            except asyncio.QueueEmpty:
+                return
+            started = time.perf_counter()
+            try:
+                await asyncio.to_thread(ask, prompt)
+            except Exception as exc:  # noqa: BLE001 - counted by kind
+                result.errors[type(exc).__name__] += 1
+                continue
+            result.latencies.append(time.perf_counter() - started)
+
+    loop = asyncio.get_running_loop()
+    from concurrent.futures import ThreadPoolExecutor
+
+    loop.set_default_executor(ThreadPoolExecutor(max_workers=concurrency))
+    started = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    result.wall_s = time.perf_counter() - started
+    return result
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -144,6 +182,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             result = asyncio.run(_drive(name, url, headers, model, measured, args.concurrency, args.timeout_s))
             result.upstream_calls = int(cohort.sim.stats()["requests"])
             results.append(result)
+        if args.python_side:
+            cohort.sim.reset()
+            result = asyncio.run(_drive_python_client(cohort, measured, args.concurrency, args.timeout_s))
+            result.upstream_calls = int(cohort.sim.stats()["requests"])
+            results.append(result)
     print(f"\n{args.requests} requests per side, {args.concurrency} concurrent clients, simulator latency "
           f"{args.latency_ms} ms per question, workload {args.workload}, {args.inference_workers} inference "
           f"worker(s) x {args.worker_concurrency} threads\n")
@@ -172,6 +215,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--inference-workers", type=int, default=1)
     parser.add_argument("--worker-concurrency", type=int, default=16, help="threads per inference worker")
     parser.add_argument("--timeout-s", type=float, default=180.0, help="per-request client timeout")
+    parser.add_argument("--python-side", action="store_true",
+                        help="also run the prompts through CohortClient without HTTP (the API's own overhead)")
     run(parser.parse_args(argv))
     return 0
 

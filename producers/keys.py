@@ -66,6 +66,10 @@ class Keys:
         """JSON record of one batch: item ids, kind, dispatch count."""
         return self._k("batch", batch_id)
 
+    def batch_lock(self, batch_id: str) -> str:
+        """Held while a delivery of the batch runs, so a duplicate delivery does not run it twice at once."""
+        return self._k("batch", batch_id, "running")
+
     def inflight(self) -> str:
         """Sorted set of batch ids dispatched and not completed (score: last dispatch time)."""
         return self._k("inflight")

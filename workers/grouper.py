@@ -32,6 +32,7 @@ from workers.clustering import cluster
 from workers.coalescing import Marker, coalescing_scope
 from workers.delivery import Finisher
 from workers.encoder import CachedEncoder, text_hash
+from workers.locks import RELEASE_IF_OWNER
 from workers.packing import prefix_key
 from workers.pending import PendingStream
 from workers.sameness import exact_digest, strict_signature
@@ -41,10 +42,6 @@ from workers.telemetry import Telemetry
 LOCK_TTL_MS = 30_000
 DEADLINE_MARGIN_S = 0.25
 
-_RELEASE_LOCK = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
-"""
 
 Dispatch = Callable[[str, int], None]
 """Sends the task of a recorded batch: ``dispatch(batch_id, item_count)``."""
@@ -92,7 +89,7 @@ class Grouper:
         self._finisher = Finisher(settings, client, telemetry=self._telemetry)
         self._writer = self._finisher.writer
         self._coalescing = self._finisher.coalescing
-        self._release = client.register_script(_RELEASE_LOCK)
+        self._release = client.register_script(RELEASE_IF_OWNER)
         self._open: dict[str, OpenItem] = {}
         self._generation: int | None = None
 
@@ -377,7 +374,8 @@ class Grouper:
         delivery = self.settings.delivery
         stale = self._redis.zrangebyscore(self.keys.inflight(), "-inf", now - delivery.redispatch_after_s,
                                           start=0, num=100)
-        lost_after = delivery.visibility_timeout_s + delivery.task_time_limit_s + 30
+        # By then the broker has redelivered an unacknowledged task, and any run has hit its time limit.
+        lost_after = delivery.visibility_timeout_s + delivery.task_time_limit_s
         for raw_id in stale:
             batch_id = raw_id.decode()
             record = self._redis.hgetall(self.keys.batch(batch_id))

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import time
 import math
+import uuid
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
@@ -28,6 +29,7 @@ from producers.errors import CohortError, DeadlineExceeded, ItemFailed, Redelive
 from producers.keys import Keys
 from producers.schema import COMPLEXITIES, PromptItem
 from workers.delivery import Baseline, Finisher
+from workers.locks import RELEASE_IF_OWNER
 from workers.packing import (
     PACKED_SYSTEM,
     packed_user_content,
@@ -80,8 +82,20 @@ class BatchRunner:
         self._finisher = Finisher(settings, client, telemetry=telemetry)
         self._clock = clock
         self._primary_prices = primary_prices
+        self._release = client.register_script(RELEASE_IF_OWNER)
 
     def run(self, batch_id: str) -> BatchReport:
+        """Run one delivery of a batch; a delivery that finds the batch running elsewhere does nothing."""
+        token = uuid.uuid4().hex
+        lock = self.keys.batch_lock(batch_id)
+        if not self._redis.set(lock, token, nx=True, px=self.settings.delivery.task_time_limit_s * 1000):
+            return BatchReport(batch_id, 0, 0, 0, 0, 0)
+        try:
+            return self._run(batch_id)
+        finally:
+            self._release(keys=[lock], args=[token])
+
+    def _run(self, batch_id: str) -> BatchReport:
         record = self._redis.hgetall(self.keys.batch(batch_id))
         if not record:
             return BatchReport(batch_id, 0, 0, 0, 0, 0)
@@ -216,7 +230,7 @@ class BatchRunner:
         return context, ordered
 
     def _request(self, messages: list[dict[str, str]], items: list[PromptItem], *, json_mode: bool,
-                 max_tokens: int) -> CallRequest:
+                 max_tokens: int, call_id: str) -> CallRequest:
         first = items[0]
         deadlines = [i.deadline for i in items if i.deadline is not None]
         costs = [i.max_cost for i in items if i.max_cost is not None]
@@ -225,7 +239,7 @@ class BatchRunner:
             top_p=first.params.top_p, stop=first.params.stop, tenant=first.tenant,
             complexity=_strongest(i.complexity for i in items), max_cost=min(costs) if costs else None,
             pinned_tier=first.params.model, json_mode=json_mode, deadline=min(deadlines) if deadlines else None,
-            items=len(items),
+            items=len(items), call_id=call_id,
         )
 
     def _call_single(self, question: Question, context: str | None) -> Completion | CohortError:
@@ -236,7 +250,8 @@ class BatchRunner:
         messages.append({"role": "user", "content": single_user_content(question.text, context)})
         try:
             return self._router.complete(self._request(messages, question.items, json_mode=False,
-                                                       max_tokens=leader.params.max_tokens))
+                                                       max_tokens=leader.params.max_tokens,
+                                                       call_id=f"single:{leader.id}"))
         except CohortError as exc:
             return exc
 
@@ -252,7 +267,8 @@ class BatchRunner:
                          len(questions) * (per_item + PACKED_ANSWER_OVERHEAD_TOKENS))
         items = [item for q in questions for item in q.items]
         try:
-            completion = self._router.complete(self._request(messages, items, json_mode=True, max_tokens=max_tokens))
+            completion = self._router.complete(self._request(messages, items, json_mode=True, max_tokens=max_tokens,
+                                                             call_id=f"packed:{items[0].id}:{len(items)}"))
         except CohortError as exc:
             return exc
         parsed = parse_packed_answers(completion.text, len(questions))

@@ -84,10 +84,20 @@ def group(reason: str = "beat") -> dict[str, Any]:
     return {"ran": report.ran, "claimed": report.claimed, "batches": report.batches}
 
 
-@app.task(name="cohort.run_batch", ignore_result=True, queue=INFERENCE_QUEUE)
-def run_batch(batch_id: str, items: int = 0) -> dict[str, Any]:
-    """Answer one batch (``items`` is informational, for Flower)."""
-    report = runner().run(batch_id)
+@app.task(name="cohort.run_batch", bind=True, ignore_result=True, queue=INFERENCE_QUEUE)
+def run_batch(self: Any, batch_id: str, items: int = 0) -> dict[str, Any]:
+    """Answer one batch (``items`` is informational, for Flower).
+
+    Provider failures end items inside the batch; what escapes is infrastructure (Redis away):
+    the batch is retried with backoff, and the grouper's sweep resends it if even that fails.
+    """
+    try:
+        report = runner().run(batch_id)
+    except redis.RedisError as exc:
+        retries = self.request.retries
+        log.warning("batch %s: Redis error (%s), retry %d", batch_id, type(exc).__name__, retries + 1)
+        raise self.retry(exc=exc, countdown=min(30, 2 ** retries),
+                         max_retries=load_worker_settings().delivery.max_redeliveries) from None
     log.info("batch %s: items=%d answered=%d failed=%d calls=%d skipped=%d", batch_id, report.items,
              report.answered, report.failed, report.calls, report.skipped)
     return {"answered": report.answered, "failed": report.failed, "calls": report.calls}

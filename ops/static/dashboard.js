@@ -68,6 +68,7 @@
     set("lat-p50", lat.p50, "secs");
     set("lat-p95", lat.p95, "secs");
     set("lat-p99", lat.p99, "secs");
+    set("lat-avg", lat.avg, "secs");
     set("cost", t.cost, "money");
     set("cost-per-request", t.cost_per_request, "money");
     set("savings", t.savings, "money");

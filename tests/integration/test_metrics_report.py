@@ -546,3 +546,88 @@ def test_prometheus_rules_and_grafana_dashboard_use_existing_metrics(env: Env) -
     assert not missing, missing
     for path in (OPS / "grafana" / "provisioning").rglob("*.yml"):
         assert yaml.safe_load(path.read_text()), path
+
+
+# --- a real run: figures against counts taken outside Cohort -----------------------------------
+# Kept last in this module: run_cohort flushes db 14 before and after the run.
+def test_real_run_matches_the_simulator_and_the_client() -> None:
+    from producers import PromptResult
+    from producers.settings import read_config
+    from tests.support.cluster import run_cohort, wait_until
+
+    questions = [f"How do I {verb} my {thing}?" for verb in ("block", "renew", "activate")
+                 for thing in ("debit card", "credit card", "savings account", "online login")]
+    entries = [{"prompt": q, "tenant": "acme"} for q in questions]
+    entries += [{"prompt": questions[0], "tenant": "acme"}] * 3  # exact duplicates: coalesced
+    entries += [{"prompt": f"What fee applies to a {x} transfer?", "tenant": "beta"}
+                for x in ("domestic", "foreign", "instant", "scheduled")]
+    alerts = {"min_requests": 5, "cost_per_request": 0.00001, "window_s": 120}
+    with run_cohort(db=DB, config={"alerts": alerts}) as cohort:
+        started = time.time()
+        handles = cohort.client.submit_many(entries)
+        results = cohort.client.wait([h.id for h in handles], timeout=90)
+        finished = time.time()
+        # The truth, counted outside Cohort's telemetry.
+        answered = [r for r in results if isinstance(r, PromptResult)]
+        n, n_failed = len(entries), len(results) - len(answered)
+        coalesced = sum(r.coalesced for r in answered)
+        by_tier: dict[str, int] = {}
+        for r in answered:
+            by_tier[str(r.tier)] = by_tier.get(str(r.tier), 0) + 1
+        config = read_config(cohort.config_path)
+        tier_of_model = {t["model"]: t["name"] for t in config["tiers"]}
+        stats = cohort.sim.stats()
+        true_calls = stats["requests"]
+        true_in = sum(stats["tokens_in"].values())
+        true_out = sum(stats["tokens_out"].values())
+        true_cost = sum(price(tier_of_model[m], stats["tokens_in"].get(m, 0), stats["tokens_out"].get(m, 0))
+                        for m in set(stats["tokens_in"]) | set(stats["tokens_out"]))
+        assert len(answered) == n and coalesced >= 3 and true_calls >= 1
+
+        app = MonitorApp(monitor_settings(config, {}, demo=True, port=0), config, client=cohort.redis)
+
+        def all_recorded() -> dict[Any, float] | None:
+            s = scrape(app.handle("/metrics", {})[2].decode())
+            items = sum(v for (name, _), v in s.items() if name == "cohort_items_total")
+            return s if items == n else None
+
+        s = wait_until(all_recorded, timeout=15, message="telemetry of every item")
+
+        def total(name: str, **match: str) -> float:
+            return sum(v for (sname, labels), v in s.items()
+                       if sname == name and all(dict(labels).get(k) == x for k, x in match.items()))
+
+        tolerance = 1e-9 * true_calls + 1e-12  # each call's cost is rounded up to a billionth
+        assert total("cohort_items_total", outcome="answered") == len(answered)
+        assert total("cohort_items_total", outcome="failed") == n_failed == 0
+        for tier, count in by_tier.items():
+            assert total("cohort_items_total", outcome="answered", tier=tier) == count
+        assert total("cohort_items_coalesced_total") == coalesced
+        assert total("cohort_upstream_calls_total") == true_calls
+        assert total("cohort_tokens_in_total") == true_in
+        assert total("cohort_tokens_out_total") == true_out
+        assert total("cohort_cost_total") == pytest.approx(true_cost, abs=tolerance)
+        assert total("cohort_end_to_end_seconds_count") == n
+        assert total("cohort_batched_items_total") >= n - coalesced
+        assert total("cohort_baseline_cost_total") > 0
+
+        r = report(cohort.redis, cohort.keys, config, since_s=time.time() - started + 5)
+        assert (r["requests"], r["answered"], r["failed"]) == (n, len(answered), 0)
+        assert r["calls"] == true_calls
+        assert (r["tokens_in"], r["tokens_out"]) == (true_in, true_out)
+        assert r["cost_total"] == pytest.approx(true_cost, abs=tolerance)
+        assert r["cost_per_request"] == pytest.approx(true_cost / n, abs=tolerance)
+        assert r["coalescing_rate"] == pytest.approx(coalesced / n)
+        assert {t: row["items"] for t, row in r["tiers"].items() if row["items"]} == by_tier
+        assert 0 < r["latency_s"]["p50"] <= r["latency_s"]["p99"] <= finished - started
+        beta = report(cohort.redis, cohort.keys, config, since_s=120, tenant="beta")
+        assert beta["requests"] == 4
+
+        d = dashboard_data(cohort.redis, cohort.keys, config)
+        assert (d["totals"]["requests"], d["totals"]["answered"]) == (n, len(answered))
+        assert d["totals"]["cost"] == pytest.approx(true_cost, abs=tolerance)
+
+        evaluation = run_once(cohort.redis, cohort.keys, alert_settings(config, env={}), config)
+        fired = {a["id"]: a for a in evaluation.fired}
+        assert fired["cost_per_request"]["value"] == pytest.approx(true_cost / n, abs=tolerance)
+        assert "error_rate" not in fired

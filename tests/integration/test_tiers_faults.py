@@ -206,7 +206,7 @@ def test_429_storm_honours_retry_after_then_opens_the_circuit(sim: SimulatorHand
             slept.append(seconds)
         time.sleep(seconds)
 
-    router = make_router(client, keys, make_config(sim), sleep=sleep)
+    router = make_router(client, keys, make_config(sim, circuit_cooldown_s=5.0), sleep=sleep)
     started = time.monotonic()
     first = router.complete(request(0))
     elapsed = time.monotonic() - started
@@ -257,7 +257,8 @@ def test_down_tier_opens_skips_then_one_probe_closes(sim: SimulatorHandle, clien
 
     # Cooldown over, tier still down: of many racing workers exactly one probes, and it re-opens.
     time.sleep(0.55)
-    racers = [make_router(client, keys, make_config(sim)) for _ in range(4)]
+    # The racers re-open for 2 s, so that no second probe can fall inside this phase on a slow machine.
+    racers = [make_router(client, keys, make_config(sim, circuit_cooldown_s=2.0)) for _ in range(4)]
     racing = run_many(racers, [request(i) for i in range(16)])
     check_invariants(sim, outcomes + racing)
     assert calls(sim, "sim-large") == down_calls + 1
@@ -265,7 +266,7 @@ def test_down_tier_opens_skips_then_one_probe_closes(sim: SimulatorHandle, clien
 
     # Tier back: after the cooldown one probe succeeds and closes the circuit for everyone.
     sim.set_faults("sim-large", down=False)
-    time.sleep(0.55)
+    wait_for(lambda: float(client.hget(keys.circuit("primary"), "open_until")) / 1000 < time.time(), 5.0)
     probe = router.complete(request(99))
     assert probe.tier == "primary" and circuit_state(client, keys, "primary") == "closed"
     after = run_many(racers, [request(i) for i in range(8)])

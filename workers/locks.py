@@ -1,0 +1,6 @@
+"""Redis locks held by a token: only the holder releases them."""
+
+RELEASE_IF_OWNER = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
