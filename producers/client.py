@@ -121,11 +121,16 @@ class CohortClient:
             raise InvalidPrompt("prompt is required", field="prompt")
         if fields.get("coalesce", True) is True and isinstance(tenant, str):
             fields["coalesce"] = self.settings.tenant_policy(tenant).coalesce
-        return build_item(
+        item = build_item(
             fields.pop("prompt"), tenant=tenant, params=params,
             max_prompt_chars=self.settings.max_prompt_chars,
             max_tokens_limit=self.settings.max_tokens_limit, **fields,
         )
+        pinned = item.params.model
+        if pinned is not None and self.settings.tier_names and pinned not in self.settings.tier_names:
+            raise InvalidPrompt(f"unknown tier {pinned!r} in params.model; configured tiers: "
+                                f"{', '.join(sorted(self.settings.tier_names))}", field="model")
+        return item
 
     def enqueue(self, items: Sequence[PromptItem]) -> None:
         """Write validated items to Redis: body, status, stream entry (id only)."""

@@ -61,6 +61,8 @@ class ProducerSettings:
     """Known tenants; ``None`` accepts any tenant with the default policy."""
     max_batch_size: int = 16
     """Batch size, used by producers to request an immediate flush of a full partition."""
+    tier_names: frozenset[str] = frozenset()
+    """Names of the configured tiers: a prompt may pin one with ``params.model``."""
 
     def tenant_policy(self, tenant: str) -> TenantPolicy:
         if self.tenants is None:
@@ -156,6 +158,9 @@ def producer_settings(config: Mapping[str, Any], env: Mapping[str, str] | None =
                 cache_ttl_s=typed(policy, "cache_ttl_s", float, 0.0, where=f"tenants.{name}", minimum=0),
             )
     grouping = section(config, "grouping")
+    tiers = config.get("tiers", [])
+    tier_names = frozenset(t["name"] for t in tiers if isinstance(t, dict) and isinstance(t.get("name"), str)) \
+        if isinstance(tiers, list) else frozenset()
     return ProducerSettings(
         redis=redis_settings(config, env),
         max_prompt_chars=typed(limits, "max_prompt_chars", int, 32000, where="limits", minimum=1),
@@ -163,6 +168,7 @@ def producer_settings(config: Mapping[str, Any], env: Mapping[str, str] | None =
         result_ttl_s=typed(limits, "result_ttl_s", int, 86400, where="limits", minimum=60),
         tenants=tenants,
         max_batch_size=typed(grouping, "max_batch_size", int, 16, where="grouping", minimum=1, maximum=256),
+        tier_names=tier_names,
     )
 
 

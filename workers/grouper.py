@@ -349,7 +349,7 @@ class Grouper:
         pipe = self._redis.pipeline(transaction=True)
         pipe.hset(self.keys.batch(batch_id), mapping=record)
         pipe.expire(self.keys.batch(batch_id), self.settings.producer.result_ttl_s)
-        pipe.zadd(self.keys.inflight(), {batch_id: now})
+        pipe.zadd(self.keys.inflight(), {batch_id: now + self.settings.delivery.redispatch_after_s})
         pipe.zrem(self.keys.open_pool(), *[m.item.id for m in members])
         for m in members:
             pipe.hset(self.keys.item_status(m.item.id), mapping={"status": "batched", "batch": batch_id})
@@ -363,35 +363,34 @@ class Grouper:
 
     def _send(self, batch_id: str, size: int) -> None:
         self._dispatch(batch_id, size)
+        now = self._clock()
         pipe = self._redis.pipeline(transaction=False)
-        pipe.hset(self.keys.batch(batch_id), "dispatched_at", self._clock())
+        pipe.hset(self.keys.batch(batch_id), mapping={"dispatched_at": now, "ended_at": 0})
         pipe.hincrby(self.keys.batch(batch_id), "dispatches", 1)
+        # Next look: only if the broker itself lost the task (a delivery that ends early says so sooner).
+        pipe.zadd(self.keys.inflight(), {batch_id: now + self.settings.delivery.lost_batch_after_s}, xx=True)
         pipe.execute()
 
     def _sweep_inflight(self) -> None:
-        """Send again batches whose task was lost; fail batches sent too often."""
+        """Send again the batches that need it; fail those sent too often.
+
+        The score of a batch in the inflight set is the time of its next check: shortly after it is
+        recorded (was its task really sent?), when a delivery ended without completing it, and
+        ``lost_batch_after_s`` after its last dispatch (did the broker lose the task?).
+        """
         now = self._clock()
         delivery = self.settings.delivery
-        stale = self._redis.zrangebyscore(self.keys.inflight(), "-inf", now - delivery.redispatch_after_s,
-                                          start=0, num=100)
-        # By then the broker has redelivered an unacknowledged task, and any run has hit its time limit.
-        lost_after = delivery.visibility_timeout_s + delivery.task_time_limit_s
-        for raw_id in stale:
+        for raw_id in self._redis.zrangebyscore(self.keys.inflight(), "-inf", now, start=0, num=100):
             batch_id = raw_id.decode()
             record = self._redis.hgetall(self.keys.batch(batch_id))
             if not record:
                 self._redis.zrem(self.keys.inflight(), batch_id)
                 continue
-            dispatched_at = float(record.get(b"dispatched_at", 0) or 0)
             dispatches = int(record.get(b"dispatches", 0) or 0)
-            never_sent = dispatched_at == 0
-            if not never_sent and now - dispatched_at < lost_after:
-                continue
             if dispatches > delivery.max_redeliveries:
                 self._fail_batch(batch_id, record, RedeliveryLimit(
                     f"batch was dispatched {dispatches} times without completing", dispatches=dispatches))
                 continue
-            self._redis.zadd(self.keys.inflight(), {batch_id: now})
             self._send(batch_id, len(json.loads(record[b"items"])))
 
     def _fail_batch(self, batch_id: str, record: dict[bytes, bytes], error: CohortError) -> None:

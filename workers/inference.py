@@ -95,6 +95,13 @@ class BatchRunner:
         finally:
             self._release(keys=[lock], args=[token])
 
+    def ended_incomplete(self, batch_id: str) -> None:
+        """A delivery ended without completing the batch: let the grouper's sweep send it again now."""
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.hset(self.keys.batch(batch_id), "ended_at", self._clock())
+        pipe.zadd(self.keys.inflight(), {batch_id: self._clock()}, xx=True)
+        pipe.execute()
+
     def _run(self, batch_id: str) -> BatchReport:
         record = self._redis.hgetall(self.keys.batch(batch_id))
         if not record:

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
 
+from producers.errors import ConfigError
 from producers.settings import (
     ProducerSettings,
     check_keys,
@@ -58,6 +59,8 @@ class DeliverySettings:
     """Hard time limit of one batch task (kept below the visibility timeout)."""
     redispatch_after_s: float = 5.0
     """A batch recorded but not confirmed dispatched after this long is dispatched again."""
+    lost_batch_after_s: float = 900.0
+    """A dispatched batch not completed after this long is dispatched again (a broker that lost it)."""
 
 
 @dataclass(frozen=True)
@@ -96,7 +99,11 @@ def worker_settings(config: Mapping[str, Any], env: Mapping[str, str] | None = N
         max_redeliveries=typed(delivery, "max_redeliveries", int, 3, where="delivery", minimum=0),
         task_time_limit_s=typed(delivery, "task_time_limit_s", int, 300, where="delivery", minimum=1),
         redispatch_after_s=typed(delivery, "redispatch_after_s", float, 5.0, where="delivery", minimum=0.1),
+        lost_batch_after_s=typed(delivery, "lost_batch_after_s", float, 900.0, where="delivery", minimum=1.0),
     )
+    if d.task_time_limit_s >= d.visibility_timeout_s:
+        raise ConfigError("delivery.task_time_limit_s must be below delivery.visibility_timeout_s, or a running "
+                          "batch would be redelivered while it runs", key="delivery.task_time_limit_s")
     return WorkerSettings(producer=producer_settings(config, env), grouping=g, delivery=d, config=config)
 
 

@@ -91,16 +91,29 @@ def run_batch(self: Any, batch_id: str, items: int = 0) -> dict[str, Any]:
     Provider failures end items inside the batch; what escapes is infrastructure (Redis away):
     the batch is retried with backoff, and the grouper's sweep resends it if even that fails.
     """
+    max_retries = load_worker_settings().delivery.max_redeliveries
     try:
         report = runner().run(batch_id)
     except redis.RedisError as exc:
         retries = self.request.retries
-        log.warning("batch %s: Redis error (%s), retry %d", batch_id, type(exc).__name__, retries + 1)
-        raise self.retry(exc=exc, countdown=min(30, 2 ** retries),
-                         max_retries=load_worker_settings().delivery.max_redeliveries) from None
+        if retries < max_retries:
+            log.warning("batch %s: Redis error (%s), retry %d", batch_id, type(exc).__name__, retries + 1)
+            raise self.retry(exc=exc, countdown=min(30, 2 ** retries), max_retries=max_retries) from None
+        _report_incomplete(batch_id)
+        raise
+    except Exception:
+        _report_incomplete(batch_id)
+        raise
     log.info("batch %s: items=%d answered=%d failed=%d calls=%d skipped=%d", batch_id, report.items,
              report.answered, report.failed, report.calls, report.skipped)
     return {"answered": report.answered, "failed": report.failed, "calls": report.calls}
+
+
+def _report_incomplete(batch_id: str) -> None:
+    try:
+        runner().ended_incomplete(batch_id)
+    except redis.RedisError:
+        pass  # the sweep finds the batch after ``lost_batch_after_s``
 
 
 # --- worker heartbeat (read by health checks) -----------------------------------------------
