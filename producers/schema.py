@@ -122,10 +122,23 @@ class PromptItem:
             data = json.loads(raw)
         except (ValueError, UnicodeDecodeError) as exc:
             raise InvalidPrompt(f"stored item is not valid JSON: {exc}") from None
-        if not isinstance(data, dict) or data.get("version") != SCHEMA_VERSION:
+        if not isinstance(data, dict):
+            raise InvalidPrompt("stored item is not a JSON object")
+        if data.get("version") != SCHEMA_VERSION:
             raise InvalidPrompt(f"stored item has unsupported schema version {data.get('version')!r}")
-        data["params"] = ModelParams.from_dict(data.get("params"))
-        return cls(**data)
+        fields = set(cls.__dataclass_fields__)
+        if set(data) - fields or not {"id", "tenant", "prompt"} <= set(data):
+            raise InvalidPrompt("stored item has missing or unknown fields")
+        params = data.get("params")
+        if params is not None and not isinstance(params, dict):
+            raise InvalidPrompt("stored item params must be an object")
+        data["params"] = ModelParams.from_dict(params)
+        item = cls(**data)
+        if not (isinstance(item.id, str) and isinstance(item.tenant, str) and isinstance(item.prompt, str)
+                and item.prompt.strip() and isinstance(item.metadata, dict)
+                and isinstance(item.submitted_at, int | float) and not isinstance(item.submitted_at, bool)):
+            raise InvalidPrompt("stored item has fields of the wrong type")
+        return item
 
 
 def new_item_id() -> str:

@@ -9,6 +9,7 @@ Environment variables (read only by ``load_settings``, never at import time):
 
 from __future__ import annotations
 
+import math
 import os
 import tomllib
 from collections.abc import Mapping
@@ -99,7 +100,7 @@ def typed(table: Mapping[str, Any], key: str, kind: type | tuple[type, ...], def
     """Read ``table[key]`` checking its type and range; errors name ``where.key``."""
     if key not in table:
         return default
-    value = table[key]
+    value: Any = table[key]
     kinds = kind if isinstance(kind, tuple) else (kind,)
     if float in kinds and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
@@ -108,10 +109,17 @@ def typed(table: Mapping[str, Any], key: str, kind: type | tuple[type, ...], def
     if not isinstance(value, kinds):
         raise ConfigError(f"{where}.{key} must be {_names(kinds)}, got {type(value).__name__}",
                           key=f"{where}.{key}")
+    return _in_range(value, minimum, maximum, where=f"{where}.{key}")
+
+
+def _in_range(value: Any, minimum: float | None, maximum: float | None, *, where: str) -> Any:
+    key = where
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{key} must be a finite number, got {value}", key=key)
     if minimum is not None and value < minimum:
-        raise ConfigError(f"{where}.{key} must be at least {minimum}, got {value}", key=f"{where}.{key}")
+        raise ConfigError(f"{key} must be at least {minimum}, got {value}", key=key)
     if maximum is not None and value > maximum:
-        raise ConfigError(f"{where}.{key} must be at most {maximum}, got {value}", key=f"{where}.{key}")
+        raise ConfigError(f"{key} must be at most {maximum}, got {value}", key=key)
     return value
 
 

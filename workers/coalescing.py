@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import redis
 
@@ -103,7 +103,7 @@ class CoalescingStore:
                 self._keys.coalesce_followers(partition, kind, digest)]
         role_raw, marker_raw = self._attach(
             keys=keys, args=[item_id, self._inflight_ttl, text_hash, "1" if may_lead else "0"])
-        role = role_raw.decode() if isinstance(role_raw, bytes) else role_raw
+        role = cast(Role, role_raw.decode() if isinstance(role_raw, bytes) else role_raw)
         if role in ("leader", "none"):
             return Marker(kind, digest, role, leader=item_id if role == "leader" else None)
         marker = json.loads(marker_raw)

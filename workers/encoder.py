@@ -76,7 +76,7 @@ class CachedEncoder:
         self.misses += len(missing)
         if not rows:
             return np.zeros((0, 384), dtype=np.float32)
-        return np.vstack(rows).astype(np.float32, copy=False)
+        return np.vstack([row for row in rows if row is not None]).astype(np.float32, copy=False)
 
     def cached_vector(self, hash_: str) -> np.ndarray | None:
         """The cached embedding of a text hash, if present."""

@@ -108,7 +108,7 @@ class BatchRunner:
             return BatchReport(batch_id, 0, 0, 0, 0, 0)
         item_ids: list[str] = json.loads(record[b"items"])
         leads: dict[str, list[tuple[str, str]]] = {
-            k: [tuple(x) for x in v] for k, v in json.loads(record.get(b"leads", b"{}")).items()}  # type: ignore[misc]
+            k: [(kind, digest) for kind, digest in v] for k, v in json.loads(record.get(b"leads", b"{}")).items()}
         deliveries = self._redis.hincrby(self.keys.batch(batch_id), "deliveries", 1)
         if deliveries > self.settings.delivery.max_redeliveries + 1:
             pending = [i for i in item_ids if i not in self._finisher.writer.finals(item_ids)]
@@ -175,12 +175,12 @@ class BatchRunner:
         results: dict[int, tuple[Completion | CohortError, bool, int]] = {}
         if len(packable) > 1:
             calls += 1
-            outcome = self._call_packed(packable, context)
-            if isinstance(outcome, CohortError):
+            packed_outcome = self._call_packed(packable, context)
+            if isinstance(packed_outcome, CohortError):
                 for q in packable:
-                    results[id(q)] = (outcome, True, len(packable))
+                    results[id(q)] = (packed_outcome, True, len(packable))
             else:
-                completion, answers = outcome
+                completion, answers = packed_outcome
                 for number, q in enumerate(packable, start=1):
                     if number in answers:
                         results[id(q)] = (_with_text(completion, answers[number]), True, len(packable))
