@@ -288,7 +288,9 @@ class DistillConfig(JobConfig):
     max_sentences: int = 30000
     """embedding: most training sentences (deduplicated, shuffled with ``seed``)."""
     max_seq_length: int = 128
-    """embedding: tokens per sentence during training and in the saved student."""
+    """embedding: tokens per sentence while training (the saved student keeps the teacher's limit)."""
+    freeze_embeddings: bool = True
+    """embedding: keep the token embedding table as the teacher's (faster steps, less overfitting)."""
     temperature: float = 2.0
     """classifier: softmax temperature of the soft targets."""
     alpha: float = 0.5
@@ -313,6 +315,7 @@ class DistillConfig(JobConfig):
         self._sources("sources", training=True)
         self._int("max_sentences", minimum=1)
         self._int("max_seq_length", minimum=8, maximum=8192)
+        self._bool("freeze_embeddings")
         self._float("temperature", low=0.0, high=100.0, low_open=True)
         self._float("alpha", low=0.0, high=1.0)
         for width in self.student_hidden:

@@ -87,8 +87,9 @@ def _hf_forward(model: LoadedModel, texts: list[str], *, batch_size: int, device
     return torch.cat(rows)
 
 
-def agreement(reference: torch.Tensor, candidate: torch.Tensor) -> dict[str, float]:
-    """How close ``candidate`` outputs are to ``reference`` (same inputs, same order)."""
+def agreement(reference: torch.Tensor, candidate: torch.Tensor, *, classes: bool = False) -> dict[str, float]:
+    """How close ``candidate`` outputs are to ``reference`` (same inputs, same order); with
+    ``classes``, also how often their argmax (the predicted class) agrees."""
     if reference.shape != candidate.shape:
         raise CompressionError(f"outputs differ in shape: {tuple(reference.shape)} vs {tuple(candidate.shape)}")
     ref = reference.reshape(len(reference), -1).float()
@@ -101,6 +102,6 @@ def agreement(reference: torch.Tensor, candidate: torch.Tensor) -> dict[str, flo
         "cosine_min": round(float(cos.min()), 6),
         "max_abs_diff": round(float((ref - cand).abs().max()), 6),
     }
-    if ref.shape[1] > 1:
+    if classes and ref.shape[1] > 1:
         result["argmax_agreement"] = round(float((ref.argmax(1) == cand.argmax(1)).float().mean()), 6)
     return result

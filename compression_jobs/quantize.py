@@ -22,7 +22,13 @@ from compression_jobs.forward import agreement, forward, model_inputs
 from compression_jobs.models import LoadedModel, parameter_count
 from compression_jobs.registry import JobContext, Outcome, register
 from producers.errors import CompressionError
-from workers.encoder_loading import RANGES_NAME, apply_recipe, matches_any, resolve_reduce_range
+from workers.encoder_loading import (
+    RANGES_NAME,
+    apply_recipe,
+    matches_any,
+    quantize_static_linears,
+    resolve_reduce_range,
+)
 
 BERT_KEEP_FLOAT = ("encoder.layer.0.output.dense",)
 """Default Linear layers left in float in a BERT-like encoder (see the module docstring)."""
@@ -99,6 +105,24 @@ def calibrate_ranges(model: LoadedModel, inputs: Any, names: list[str], *, batch
     return ranges
 
 
+def _check(model: LoadedModel, config: QuantizeConfig, recipe: dict[str, Any], files: dict[str, bytes],
+           inputs: Any, ctx: JobContext) -> dict[str, Any]:
+    """Outputs of the quantized model against the float parent on a few inputs."""
+    candidate = model.clone()
+    if ranges_file := files.get(RANGES_NAME):
+        candidate.body = quantize_static_linears(candidate.body, json.loads(ranges_file),
+                                                 per_channel=config.per_channel,
+                                                 reduce_range=resolve_reduce_range(config.reduce_range))
+    else:
+        candidate.body = apply_recipe(candidate.body, recipe)
+    device = ctx.device if config.kind in ("fp16", "bf16") else "cpu"
+    reference = forward(model, inputs)
+    if device != "cpu":
+        candidate.module.to(device)
+    return {"inputs": len(inputs), **agreement(reference, forward(candidate, inputs, device=device),
+                                               classes=model.kind != "sentence_transformer")}
+
+
 @register(QuantizeConfig)
 def quantize(model: LoadedModel, config: QuantizeConfig, ctx: JobContext) -> Outcome:
     """Record the quantization recipe for ``model`` and report how the result compares."""
@@ -138,20 +162,11 @@ def quantize(model: LoadedModel, config: QuantizeConfig, ctx: JobContext) -> Out
         metrics.update(quantized_layers=len(names) - len(kept), kept_float=kept,
                        reduce_range_here=resolve_reduce_range(config.reduce_range))
     if check_inputs is not None and len(check_inputs):
-        candidate = model.clone()
-        if ranges_file := files.get(RANGES_NAME):
-            from workers.encoder_loading import quantize_static_linears
-
-            candidate.body = quantize_static_linears(candidate.body, json.loads(ranges_file),
-                                                     per_channel=config.per_channel,
-                                                     reduce_range=resolve_reduce_range(config.reduce_range))
-        else:
-            candidate.body = apply_recipe(candidate.body, recipe)
-        device = ctx.device if config.kind in ("fp16", "bf16") else "cpu"
-        reference = forward(model, check_inputs)
-        if device != "cpu":
-            candidate.module.to(device)
-        metrics["check"] = {"inputs": len(check_inputs),
-                            **agreement(reference, forward(candidate, check_inputs, device=device))}
+        try:
+            metrics["check"] = _check(model, config, recipe, files, check_inputs, ctx)
+        except CompressionError as exc:
+            if config.calibration:
+                raise
+            metrics["check"] = {"skipped": exc.message}  # the default check data is optional
     ctx.progress(3, 3, "done")
     return Outcome(model=model, metrics=metrics, recipe=recipe, files=files)

@@ -76,9 +76,8 @@ def register(config_type: type[JobConfig]) -> Callable[[Callable[..., Outcome]],
 
 def handler_for(config: JobConfig) -> Callable[..., Outcome]:
     """The handler registered for the config's type (or one of its bases)."""
-    if not _HANDLERS:
-        for name in _METHOD_MODULES:
-            importlib.import_module(name)
+    for name in _METHOD_MODULES:  # cached after the first call
+        importlib.import_module(name)
     for cls in type(config).__mro__:
         if cls in _HANDLERS:
             return _HANDLERS[cls]

@@ -12,6 +12,12 @@ the cosine check, and cosine alone at 0.85 / 0.9 / 0.95 / 0.99.
 - False merges: PAWS dev pairs labelled non-paraphrase (0), and STS-B dev pairs scored below 4.0.
 - Recall: PAWS dev paraphrases (1), and STS-B dev pairs scored 5.0 (people judged them equivalent).
 
+PAWS and STS-B pairs almost never have equal signatures unless they are near-identical, so
+the cosine check hardly binds there. Two further checks show what it does: all pairs of Banking77
+train queries (not exact duplicates) whose strict signatures are equal, split by whether the two
+queries carry the same intent label, merged or not at each cosine threshold; and a few
+handwritten probes (pronoun swaps, a dropped negation) that a signature must keep apart.
+
 Zero events out of n trials still leave an upper bound: the 95% bound is printed (``3/n``,
 the rule of three). Embeddings are all-MiniLM-L6-v2, cached under ``--cache-dir``.
 """
@@ -27,6 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from ops.bench_clustering import DEFAULT_CACHE, embed_cached, paws_dev, stsb_dev
+from ops.workloads import banking77
 from workers.sameness import exact_digest, strict_signature
 from workers.settings import GroupingSettings
 
@@ -34,6 +41,68 @@ DEFAULT_OUT = Path(__file__).resolve().parent.parent / "docs" / "benchmarks" / "
 FLOOR_FALSE_MERGES = 0.005
 COSINE_ONLY = (0.85, 0.9, 0.95, 0.99)
 SWEEP = (0.5, 0.7, 0.8, 0.85, 0.9, 0.95, 0.98)
+PROBES = (
+    ("Did you receive my transfer?", "Did I receive your transfer?"),
+    ("Should I send you the money?", "Should you send me the money?"),
+    ("Can I cancel the transfer?", "Can you cancel the transfer?"),
+    ("How long does a transfer take?", "How long does a US transfer take?"),
+    ("Why can't I top up?", "Why can I top up?"),
+    ("Is my card blocked?", "My card is blocked."),
+)
+
+
+def banking77_signature_pairs(cache_dir: Path) -> list[tuple[float, bool, str, str, str, str]]:
+    """(cosine, same intent, text a, text b, intent a, intent b) for Banking77 queries with equal
+    strict signatures that are not exact duplicates."""
+    prompts = banking77()
+    vectors = embed_cached([p.text for p in prompts], cache_dir)
+    by_signature: dict[str, list[int]] = {}
+    for i, p in enumerate(prompts):
+        signature = strict_signature(p.text)
+        if signature is not None:
+            by_signature.setdefault(signature, []).append(i)
+    pairs = []
+    for rows in by_signature.values():
+        for x, i in enumerate(rows):
+            for j in rows[x + 1:]:
+                a, b = prompts[i], prompts[j]
+                if exact_digest(a.text) != exact_digest(b.text):
+                    pairs.append((float(vectors[i] @ vectors[j]), a.label == b.label, a.text, b.text,
+                                  a.label or "", b.label or ""))
+    return sorted(pairs)
+
+
+def banking77_section(cache_dir: Path, default: float) -> list[str]:
+    pairs = banking77_signature_pairs(cache_dir)
+    same = sum(p[1] for p in pairs)
+    lines = ["## Banking77: queries with equal strict signatures", "",
+             f"{len(pairs):,} pairs of Banking77 train queries (not exact duplicates) have equal strict signatures: "
+             f"{same:,} with the same intent label, {len(pairs) - same:,} with different labels. "
+             "Merged at each cosine threshold:", "",
+             "| t | same-intent pairs merged | different-intent pairs merged |", "|---:|---:|---:|"]
+    for t in SWEEP:
+        merged_same = sum(1 for c, s, *_ in pairs if s and c >= t)
+        merged_diff = sum(1 for c, s, *_ in pairs if not s and c >= t)
+        mark = " (default)" if t == default else ""
+        lines.append(f"| {t}{mark} | {merged_same:,} / {same:,} | {merged_diff:,} / {len(pairs) - same:,} |")
+    lines += ["", "Different-intent pairs (some are label noise):", ""]
+    for c, s, a, b, la, lb in pairs:
+        if not s:
+            verdict = "merged" if c >= default else "kept apart"
+            lines.append(f"- cos {c:.3f}, {verdict} at {default}: `{a.strip()}` ({la}) / `{b.strip()}` ({lb})")
+    return lines + [""]
+
+
+def probes_section(cache_dir: Path, default: float) -> list[str]:
+    vectors = embed_cached([t for pair in PROBES for t in pair], cache_dir)
+    lines = ["## Handwritten probes", "",
+             "| a | b | equal signature | cosine | merged at the default |", "|---|---|---|---:|---|"]
+    for k, (a, b) in enumerate(PROBES):
+        cosine = float(vectors[2 * k] @ vectors[2 * k + 1])
+        sig = strict_signature(a) is not None and strict_signature(a) == strict_signature(b)
+        merged = exact_digest(a) == exact_digest(b) or (sig and cosine >= default)
+        lines.append(f"| {a} | {b} | {'yes' if sig else 'no'} | {cosine:.3f} | {'**yes**' if merged else 'no'} |")
+    return lines + [""]
 
 
 @dataclass(frozen=True)
@@ -64,6 +133,10 @@ Rule = Callable[[PairSet], np.ndarray]
 
 def cohort_rule(threshold: float) -> Rule:
     return lambda s: s.exact | (s.signature & (s.cosine >= threshold))
+
+
+def cosine_rule(threshold: float) -> Rule:
+    return lambda s: s.cosine >= threshold
 
 
 def _rate(merged: np.ndarray) -> str:
@@ -98,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
         (f"**Cohort default**: exact OR (signature AND cosine >= {default})", cohort_rule(default)),
         ("exact digest only", lambda s: s.exact),
         ("exact OR signature (no cosine check)", lambda s: s.exact | s.signature),
-        *[(f"cosine alone >= {t}", (lambda t: lambda s: s.cosine >= t)(t)) for t in COSINE_ONLY],
+        *[(f"cosine alone >= {t}", cosine_rule(t)) for t in COSINE_ONLY],
     ]
     header = "| test | " + " | ".join(groups) + " |"
     lines = [
@@ -120,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
             cells.append(_rate(rule(pairs)[mask]))
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
 
-    lines += ["", f"## near_duplicate_threshold sweep (exact OR signature AND cosine >= t)", "",
+    lines += ["", "## near_duplicate_threshold sweep (exact OR signature AND cosine >= t)", "",
               "| t | " + " | ".join(groups) + " |", "|---:|" + "---:|" * len(groups)]
     for t in SWEEP:
         rule = cohort_rule(t)
@@ -148,6 +221,8 @@ def main(argv: list[str] | None = None) -> int:
     lines += ["Pairs with equal strict signatures (before the cosine check): "
               + ", ".join(f"{k}: {v:,}" for k, v in signature_pairs.items()) + ".", ""]
 
+    lines += banking77_section(args.cache_dir, default)
+    lines += probes_section(args.cache_dir, default)
     report = "\n".join(lines)
     print(report)
     args.out.parent.mkdir(parents=True, exist_ok=True)

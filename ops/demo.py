@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import os
 import secrets
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -59,6 +60,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--redis", default=os.environ.get("COHORT_REDIS_URL", "redis://127.0.0.1:6379/0"))
     parser.add_argument("--keep-running", type=float, default=0.0, help="seconds to keep the stack up afterwards")
     args = parser.parse_args(argv)
+    # SIGTERM and SIGHUP unwind like Ctrl-C, so that everything the demo started is stopped.
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _interrupt)
 
     prompts = stream_of(args.workload, args.count)
     if not prompts:
@@ -96,26 +100,33 @@ def main(argv: list[str] | None = None) -> int:
     return 0 if cohort_figures.failed == 0 else 1
 
 
+def _interrupt(signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def _start_front(cohort, flower_auth: str) -> dict[str, int]:
     """Flower, the HTTP API and the monitor, on free ports."""
     from ops.launcher import _free_port
     import httpx
 
     ports = {"flower": _free_port(), "api": _free_port(), "monitor": _free_port()}
-    cohort.env["COHORT_API_DEMO"] = "1"
     cohort.start("flower", ["flower", f"--port={ports['flower']}", "--address=127.0.0.1",
                             f"--basic-auth={flower_auth}"])
-    cohort.start_process("api", ["-m", "ops.api", "--host", "127.0.0.1", "--port", str(ports["api"])])
-    cohort.start_process("monitor", ["-m", "ops.monitor", "--host", "127.0.0.1", "--port", str(ports["monitor"])])
+    cohort.start_process("api", ["-m", "ops.api", "--host", "127.0.0.1", "--port", str(ports["api"]), "--demo"])
+    cohort.start_process("monitor", ["-m", "ops.monitor", "--host", "127.0.0.1", "--port", str(ports["monitor"]),
+                                      "--demo"])
 
-    def up(url: str) -> bool:
+    def up(name: str, url: str) -> bool:
+        if cohort.processes[name].poll() is not None:
+            raise RuntimeError(f"the {name} server exited: {cohort.log(name)}")
         try:
             return httpx.get(url, timeout=1).status_code < 500
         except httpx.HTTPError:
             return False
 
     for name, path in (("api", "/healthz"), ("monitor", "/metrics")):
-        wait_until(lambda: up(f"http://127.0.0.1:{ports[name]}{path}"), timeout=60, message=f"the {name} server")
+        url = f"http://127.0.0.1:{ports[name]}{path}"
+        wait_until(lambda: up(name, url), timeout=60, message=f"the {name} server")
     return ports
 
 

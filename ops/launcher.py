@@ -18,6 +18,7 @@ process it started.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import os
 import re
@@ -39,6 +40,15 @@ import redis
 from ops.configfile import default_config, write_config
 from producers import CohortClient, load_producer_settings
 from producers.keys import Keys
+
+def _die_with_parent() -> None:
+    """In a child before exec: own session (signals to the group), and SIGTERM when the launcher dies."""
+    os.setsid()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+PR_SET_PDEATHSIG = 1
 
 __all__ = ["Cohort", "SimulatorHandle", "available_redis", "run_cohort", "run_simulator", "wait_until"]
 
@@ -136,6 +146,7 @@ def run_simulator(*, startup_timeout_s: float = 20.0, **cli_options: Any) -> Ite
             stderr=stderr,
             stdin=subprocess.DEVNULL,
             text=True,
+            preexec_fn=_die_with_parent,
         )
         lines: list[str] = []
         ready = threading.Event()
@@ -221,7 +232,7 @@ class Cohort:
         """Start ``python <python_args>`` with the stack's environment, output to ``<name>.log``."""
         log = open(self.workdir / f"{name}.log", "ab")  # noqa: SIM115 - closed with the process
         process = subprocess.Popen([sys.executable, *python_args], cwd=REPO_ROOT, env=self.env, stdout=log,
-                                   stderr=subprocess.STDOUT, start_new_session=True)
+                                   stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
         self.processes[name] = process
         return process
 
@@ -391,7 +402,7 @@ def available_redis(url: str) -> Iterator[tuple[str, bool]]:
     with tempfile.TemporaryDirectory(prefix="cohort-redis-") as workdir:
         process = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
                                     "--appendonly", "no", "--dir", workdir], stdout=subprocess.DEVNULL,
-                                   stderr=subprocess.DEVNULL, start_new_session=True)
+                                   stderr=subprocess.DEVNULL, preexec_fn=_die_with_parent)
         started_url = f"redis://127.0.0.1:{port}/0"
         try:
             wait_until(lambda: redis_reachable(started_url), timeout=20, message="the Redis server started here")

@@ -35,6 +35,7 @@ notification; a failed snapshot skips the evaluation rather than resolving on mi
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -49,7 +50,7 @@ import redis
 from producers.errors import ConfigError
 from producers.keys import GROUPER_CONSUMER_GROUP, Keys
 from producers.settings import check_keys, section, typed
-from workers.telemetry import LATENCY_BUCKETS
+from workers.telemetry import LATENCY_BUCKETS, estimate_quantile, latency_buckets, window_totals
 from workers.tiers.budget import from_nanos, periods
 from workers.tiers.config import parse_budgets
 
@@ -145,63 +146,6 @@ def alert_settings(config: Mapping[str, Any], env: Mapping[str, str] | None = No
 # --- reading Redis ----------------------------------------------------------------------------
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
-
-
-def window_totals(client: redis.Redis, keys: Keys, *, end: float, seconds: int) -> dict[str, float]:
-    """Sum of the per-second telemetry windows of the ``seconds`` seconds ending at ``end``."""
-    last = int(end)
-    pipe = client.pipeline(transaction=False)
-    for second in range(last - seconds + 1, last + 1):
-        pipe.hgetall(keys.metric_window(second))
-    totals: dict[str, float] = {}
-    for row in pipe.execute():
-        for k, v in row.items():
-            name = _text(k)
-            totals[name] = totals.get(name, 0.0) + float(v)
-    return totals
-
-
-def window_series(client: redis.Redis, keys: Keys, *, end: float, seconds: int,
-                  fields: Sequence[str]) -> list[dict[str, float]]:
-    """Per-second values of some window fields, oldest first (``ts`` added to each row)."""
-    last = int(end)
-    pipe = client.pipeline(transaction=False)
-    seconds_list = list(range(last - seconds + 1, last + 1))
-    for second in seconds_list:
-        pipe.hmget(keys.metric_window(second), list(fields))
-    rows = []
-    for second, values in zip(seconds_list, pipe.execute(), strict=True):
-        row = {"ts": float(second)}
-        for name, value in zip(fields, values, strict=True):
-            row[name] = float(value) if value is not None else 0.0
-        rows.append(row)
-    return rows
-
-
-def latency_buckets(totals: Mapping[str, float]) -> list[float]:
-    """Counts per ``LATENCY_BUCKETS`` bucket (last: +Inf) of the end-to-end latency in a window."""
-    return [totals.get(f"e2e:{i}", 0.0) for i in range(len(LATENCY_BUCKETS) + 1)]
-
-
-def estimate_quantile(counts: Sequence[float], bounds: Sequence[float], q: float) -> float | None:
-    """A quantile from bucket counts, interpolating linearly inside the bucket (as Prometheus does).
-
-    Values in the +Inf bucket are reported at the last finite bound. ``None`` without data.
-    """
-    total = sum(counts)
-    if total <= 0:
-        return None
-    rank = q * total
-    cumulative = 0.0
-    for i, count in enumerate(counts):
-        if cumulative + count >= rank and count > 0:
-            if i >= len(bounds):
-                return float(bounds[-1])
-            lower = 0.0 if i == 0 else float(bounds[i - 1])
-            upper = float(bounds[i])
-            return lower + (upper - lower) * ((rank - cumulative) / count)
-        cumulative += count
-    return float(bounds[-1])
 
 
 def queue_depths(client: redis.Redis, keys: Keys) -> dict[str, int]:
@@ -422,8 +366,8 @@ def evaluate(snapshot: Snapshot, settings: AlertSettings,
         conditions.append(Condition(
             id="error_rate", rule="error_rate", severity="critical", firing=firing, value=value,
             threshold=settings.error_rate,
-            message=(f"error rate {value:.1%} above {settings.error_rate:.1%} ({failed:.0f} of {items:.0f} items, {span})"
-                     if value is not None else "no finished items")))
+            message=(f"error rate {value:.1%} above {settings.error_rate:.1%}"
+                     f" ({failed:.0f} of {items:.0f} items, {span})" if value is not None else "no finished items")))
     if settings.budget_warn_ratio > 0:
         refused = w.get("err:budget_exceeded", 0.0) > 0
         for b in snapshot.budgets:
@@ -455,14 +399,14 @@ def evaluate(snapshot: Snapshot, settings: AlertSettings,
     if settings.pending_growth_s > 0:
         growth = _pending_growth(state.get("pending"), snapshot.pending, snapshot.now, settings.pending_min_depth)
         new_state["pending"] = growth
-        since = growth.get("since") if growth else None
-        duration = snapshot.now - since if since is not None else 0.0
-        firing = since is not None and duration >= settings.pending_growth_s and snapshot.pending > growth["floor"]
+        firing, message = False, f"pending depth {snapshot.pending}"
+        if growth is not None:
+            duration = snapshot.now - float(growth["since"])
+            firing = duration >= settings.pending_growth_s and snapshot.pending > int(growth["floor"])
+            message = f"pending depth rising for {duration:.0f}s: {growth['floor']} -> {snapshot.pending}"
         conditions.append(Condition(
             id="pending_growing", rule="pending_growing", severity="warning", firing=firing,
-            value=float(snapshot.pending), threshold=settings.pending_growth_s,
-            message=(f"pending depth rising for {duration:.0f}s: {growth['floor']} -> {snapshot.pending}"
-                     if growth else f"pending depth {snapshot.pending}")))
+            value=float(snapshot.pending), threshold=settings.pending_growth_s, message=message))
     return conditions, new_state
 
 
@@ -641,10 +585,8 @@ def run_once(client: redis.Redis, keys: Keys, settings: AlertSettings, config: M
         log.warning("alert evaluation skipped: %s", exc)
         return Evaluation([], [], [], skipped="redis error")
     finally:
-        try:
+        with contextlib.suppress(redis.RedisError):
             client.eval(_RELEASE, 1, keys.alert_lock(), token)
-        except redis.RedisError:
-            pass
     for t in transitions:
         level = logging.WARNING if t.event == "fired" else logging.INFO
         log.log(level, "alert %s %s: %s", t.alert["id"], t.event, t.alert.get("message"))

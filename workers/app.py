@@ -10,13 +10,14 @@ from typing import Any
 
 from celery import Celery
 
+from workers.alerting import alert_settings
 from workers.settings import WorkerSettings, load_worker_settings
 
 INFERENCE_QUEUE = "inference"
 GROUPER_QUEUE = "grouper"
 GPU_QUEUE = "gpu"
 
-app = Celery("cohort", set_as_current=False, include=["workers.tasks", "compression_jobs.tasks"])
+app = Celery("cohort", set_as_current=False, include=["workers.tasks", "workers.alert_task", "compression_jobs.tasks"])
 
 
 def celery_config(settings: WorkerSettings) -> dict[str, Any]:
@@ -57,19 +58,33 @@ def celery_config(settings: WorkerSettings) -> dict[str, Any]:
         "task_routes": {
             "cohort.run_batch": {"queue": INFERENCE_QUEUE},
             "cohort.group": {"queue": GROUPER_QUEUE},
+            "cohort.evaluate_alerts": {"queue": GROUPER_QUEUE},
             "cohort.compress.*": {"queue": GPU_QUEUE},
         },
-        "beat_schedule": {
-            "cohort-group": {
-                "task": "cohort.group",
-                "schedule": settings.grouping.interval_s,
-                # A tick not started within a few periods is dropped: the next one does its work.
-                "options": {"queue": GROUPER_QUEUE, "expires": max(1.0, 4 * settings.grouping.interval_s)},
-            },
-        },
+        "beat_schedule": beat_schedule(settings),
         "worker_hijack_root_logger": False,
         "worker_redirect_stdouts": False,
     }
+
+
+def beat_schedule(settings: WorkerSettings) -> dict[str, Any]:
+    """The grouping tick, and the alert evaluation when alerts are enabled."""
+    schedule: dict[str, Any] = {
+        "cohort-group": {
+            "task": "cohort.group",
+            "schedule": settings.grouping.interval_s,
+            # A tick not started within a few periods is dropped: the next one does its work.
+            "options": {"queue": GROUPER_QUEUE, "expires": max(1.0, 4 * settings.grouping.interval_s)},
+        },
+    }
+    alerts = alert_settings(settings.config)
+    if alerts.enabled:
+        schedule["cohort-alerts"] = {
+            "task": "cohort.evaluate_alerts",
+            "schedule": alerts.interval_s,
+            "options": {"queue": GROUPER_QUEUE, "expires": 2 * alerts.interval_s},
+        }
+    return schedule
 
 
 @app.on_configure.connect

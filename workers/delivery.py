@@ -8,6 +8,7 @@ submitted again if the leader failed); telemetry counts each item exactly once.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -18,10 +19,12 @@ from producers.errors import CohortError
 from producers.keys import Keys
 from producers.schema import PromptItem
 from workers.coalescing import CoalescingStore, coalescing_scope
+from workers.packing import single_user_content
 from workers.pending import requeue
 from workers.results import ResultWriter
 from workers.settings import WorkerSettings
 from workers.telemetry import Telemetry
+from workers.tiers.tokens import CHARS_PER_TOKEN, PER_MESSAGE_TOKENS, REPLY_PRIMER_TOKENS
 
 
 @dataclass(frozen=True)
@@ -31,6 +34,16 @@ class Baseline:
     tokens_in: int
     tokens_out: int
     cost: float
+
+
+def baseline_for(item: PromptItem, answer_text: str, prices: tuple[float, float]) -> Baseline:
+    """The item sent alone to the primary tier: its own prompt (and context) in, this answer out."""
+    messages = [single_user_content(item.prompt, item.context)]
+    if item.system:
+        messages.append(item.system)
+    tokens_in = sum(math.ceil(len(m) / CHARS_PER_TOKEN) + PER_MESSAGE_TOKENS for m in messages) + REPLY_PRIMER_TOKENS
+    tokens_out = math.ceil(len(answer_text) / CHARS_PER_TOKEN)
+    return Baseline(tokens_in, tokens_out, (tokens_in * prices[0] + tokens_out * prices[1]) / 1000)
 
 
 class Finisher:
@@ -49,11 +62,10 @@ class Finisher:
             return self.settings.grouping.coalesce_window_s
         return int(self.settings.producer.tenant_policy(tenant).cache_ttl_s)
 
-    def answered(self, item: PromptItem, answer: dict[str, Any], *, leads: list[tuple[str, str]],
-                 baseline: Baseline | None = None) -> None:
+    def answered(self, item: PromptItem, answer: dict[str, Any], *, leads: list[tuple[str, str]]) -> None:
         """Store an item's answer, then answer every follower waiting on it."""
         if self.writer.answer(item.id, answer):
-            self._record(item, answer, baseline=baseline)
+            self._record(item, answer)
         shared = {k: v for k, v in answer.items() if k not in ("id", "metadata", "timings")}
         for kind, digest in leads:
             followers = self.coalescing.complete(partition=coalescing_scope(item), kind=kind, digest=digest,
@@ -70,7 +82,7 @@ class Finisher:
                           cost=0.0, metadata=follower.metadata,
                           timings={"queue_wait_s": waited, "model_call_s": 0.0, "end_to_end_s": waited})
             if self.writer.answer(follower.id, answer):
-                self._record(follower, answer, baseline=None)
+                self._record(follower, answer)
 
     def served(self, item: PromptItem, shared: dict[str, Any]) -> None:
         """Answer an item from a stored answer (coalescing window or semantic cache)."""
@@ -79,7 +91,7 @@ class Finisher:
                       metadata=item.metadata,
                       timings={"queue_wait_s": waited, "model_call_s": 0.0, "end_to_end_s": waited})
         if self.writer.answer(item.id, answer):
-            self._record(item, answer, baseline=None)
+            self._record(item, answer)
 
     def failed(self, item: PromptItem, error: CohortError, *, leads: list[tuple[str, str]]) -> None:
         """Store an item's final error; its followers are submitted again, not failed with it."""
@@ -105,14 +117,19 @@ class Finisher:
             else:
                 self.failed(item, error, leads=[tuple(x) for x in leads.get(item_id, [])])  # type: ignore[misc]
 
-    def _record(self, item: PromptItem, answer: dict[str, Any], *, baseline: Baseline | None) -> None:
+    def _record(self, item: PromptItem, answer: dict[str, Any]) -> None:
         timings = answer.get("timings") or {}
+        prices = self.settings.primary_prices
+        baseline = baseline_for(item, str(answer.get("text", "")), prices) if prices else None
         self._telemetry.item_finished(
             tenant=item.tenant, tier=answer.get("tier"), outcome="answered", cost=float(answer.get("cost", 0.0)),
             tokens_in=int(answer.get("tokens_in", 0)), tokens_out=int(answer.get("tokens_out", 0)),
             queue_wait_s=float(timings.get("queue_wait_s", 0.0)), model_call_s=float(timings.get("model_call_s", 0.0)),
             end_to_end_s=float(timings.get("end_to_end_s", 0.0)), coalesced=bool(answer.get("coalesced")),
-            cached=bool(answer.get("cached")))
+            cached=bool(answer.get("cached")), packed=bool(answer.get("packed")),
+            baseline_tokens_in=baseline.tokens_in if baseline else None,
+            baseline_tokens_out=baseline.tokens_out if baseline else None,
+            baseline_cost=baseline.cost if baseline else None)
 
     def _load(self, item_ids: list[str]) -> list[PromptItem]:
         raws = self._redis.mget([self.keys.item(i) for i in item_ids])

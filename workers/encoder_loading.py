@@ -20,6 +20,7 @@ torch threads is the caller's choice.
 from __future__ import annotations
 
 import fnmatch
+import functools
 import hashlib
 import json
 import os
@@ -309,16 +310,13 @@ def _replace(body: torch.nn.Module, name: str, new: torch.nn.Module) -> torch.nn
     return body
 
 
-def quantize_dynamic_linears(body: torch.nn.Module, *, keep_float: Iterable[str] = (), per_channel: bool = True,
-                             reduce_range: bool = True) -> torch.nn.Module:
-    """Replace every Linear not matched by ``keep_float`` with a dynamic int8 Linear."""
+@functools.cache
+def _full_range_linear() -> type:
+    """Dynamic int8 Linear with 8-bit activations (torch's module always asks for 7 bits)."""
     import torch
     from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
-    from torch.ao.quantization import default_dynamic_qconfig, per_channel_dynamic_qconfig
 
     class FullRangeDynamicLinear(DynamicLinear):
-        """Dynamic int8 Linear with 8-bit activations (torch's module always asks for 7)."""
-
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             y = torch.ops.quantized.linear_dynamic(x, self._packed_params._packed_params, reduce_range=False)
             return y.to(x.dtype)
@@ -326,9 +324,18 @@ def quantize_dynamic_linears(body: torch.nn.Module, *, keep_float: Iterable[str]
         def _get_name(self) -> str:
             return "DynamicQuantizedLinear8bit"
 
+    return FullRangeDynamicLinear
+
+
+def quantize_dynamic_linears(body: torch.nn.Module, *, keep_float: Iterable[str] = (), per_channel: bool = True,
+                             reduce_range: bool = True) -> torch.nn.Module:
+    """Replace every Linear not matched by ``keep_float`` with a dynamic int8 Linear."""
+    from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
+    from torch.ao.quantization import default_dynamic_qconfig, per_channel_dynamic_qconfig
+
     keep = tuple(keep_float)
     qconfig = per_channel_dynamic_qconfig if per_channel else default_dynamic_qconfig
-    cls = DynamicLinear if reduce_range else FullRangeDynamicLinear
+    cls = DynamicLinear if reduce_range else _full_range_linear()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.ao deprecation notices, once per layer
         for name, linear in _linears(body):

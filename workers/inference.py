@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import time
-import math
 import uuid
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -28,7 +27,7 @@ import redis
 from producers.errors import CohortError, DeadlineExceeded, ItemFailed, RedeliveryLimit
 from producers.keys import Keys
 from producers.schema import COMPLEXITIES, PromptItem
-from workers.delivery import Baseline, Finisher
+from workers.delivery import Finisher
 from workers.locks import RELEASE_IF_OWNER
 from workers.packing import (
     PACKED_SYSTEM,
@@ -40,8 +39,8 @@ from workers.packing import (
 from workers.sameness import exact_digest
 from workers.settings import WorkerSettings
 from workers.telemetry import Telemetry
+from workers.tiers.complexity import estimate_complexity
 from workers.tiers.router import CallRequest, Completion, TierRouter
-from workers.tiers.tokens import CHARS_PER_TOKEN, PER_MESSAGE_TOKENS
 
 PACKED_ANSWER_OVERHEAD_TOKENS = 24
 MAX_PARALLEL_CALLS = 8
@@ -73,15 +72,13 @@ class BatchRunner:
     """Runs inference batches in one worker process."""
 
     def __init__(self, settings: WorkerSettings, client: redis.Redis, router: TierRouter, *,
-                 telemetry: Telemetry, primary_prices: tuple[float, float] | None = None,
-                 clock: Callable[[], float] = time.time) -> None:
+                 telemetry: Telemetry, clock: Callable[[], float] = time.time) -> None:
         self.settings = settings
         self.keys: Keys = settings.producer.redis.keys
         self._redis = client
         self._router = router
         self._finisher = Finisher(settings, client, telemetry=telemetry)
         self._clock = clock
-        self._primary_prices = primary_prices
         self._release = client.register_script(RELEASE_IF_OWNER)
 
     def run(self, batch_id: str) -> BatchReport:
@@ -205,7 +202,7 @@ class BatchRunner:
             for position, item in enumerate(q.items):
                 answer = self._answer_record(item, outcome, batch_id=batch_id, started=started, packed=packed,
                                              shares=shares, duplicate=position > 0)
-                self._finisher.answered(item, answer, leads=leads.get(item.id, []), baseline=self._baseline(item))
+                self._finisher.answered(item, answer, leads=leads.get(item.id, []))
                 answered += 1
         return answered, failed, calls
 
@@ -244,7 +241,7 @@ class BatchRunner:
         return CallRequest(
             messages=messages, max_tokens=max_tokens, temperature=first.params.temperature,
             top_p=first.params.top_p, stop=first.params.stop, tenant=first.tenant,
-            complexity=_strongest(i.complexity for i in items), max_cost=min(costs) if costs else None,
+            complexity=_strongest(items), max_cost=min(costs) if costs else None,
             pinned_tier=first.params.model, json_mode=json_mode, deadline=min(deadlines) if deadlines else None,
             items=len(items), call_id=call_id,
         )
@@ -307,30 +304,17 @@ class BatchRunner:
             },
         }
 
-    def _baseline(self, item: PromptItem) -> Baseline | None:
-        """What this item alone would have cost on the primary tier (for the savings report)."""
-        if self._primary_prices is None:
-            return None
-        messages = [{"role": "user", "content": single_user_content(item.prompt, item.context)}]
-        if item.system:
-            messages.insert(0, {"role": "system", "content": item.system})
-        tokens_in = baseline_prompt_tokens(messages)
-        return Baseline(tokens_in=tokens_in, tokens_out=0,
-                        cost=tokens_in * self._primary_prices[0] / 1000)
-
 
 def _with_text(completion: Completion, text: str) -> Completion:
     return replace(completion, text=text)
 
 
-def _strongest(hints: Iterable[str | None]) -> str | None:
-    """The strongest hint of a call's items; ``None`` (let the router estimate) if any item gave none."""
-    ranked = [COMPLEXITIES.index(h) if h in COMPLEXITIES else -1 for h in hints]
-    if not ranked or min(ranked) < 0:
-        return None
+def _strongest(items: Iterable[PromptItem]) -> str:
+    """The strongest complexity among a call's items: each item's hint, or else its own estimate.
+
+    Estimating each question alone (not the packed prompt, whose length and numbering would read
+    as a harder task) keeps routing the same whether or not an item was packed.
+    """
+    ranked = [COMPLEXITIES.index(item.complexity or estimate_complexity([{"role": "user", "content": item.prompt}]))
+              for item in items]
     return COMPLEXITIES[max(ranked)]
-
-
-def baseline_prompt_tokens(messages: list[dict[str, str]]) -> int:
-    """Prompt tokens of a call, estimated without the context-window safety margin."""
-    return sum(math.ceil(len(m["content"]) / CHARS_PER_TOKEN) + PER_MESSAGE_TOKENS for m in messages) + 3

@@ -17,6 +17,7 @@ from producers.settings import (
     section,
     typed,
 )
+from workers.tiers.config import BudgetConfig, RoutingConfig, parse_budgets, parse_routing
 
 
 @dataclass(frozen=True)
@@ -70,8 +71,20 @@ class WorkerSettings:
     producer: ProducerSettings
     grouping: GroupingSettings = field(default_factory=GroupingSettings)
     delivery: DeliverySettings = field(default_factory=DeliverySettings)
+    routing: RoutingConfig | None = None
+    """The tier chain and its retry, circuit and rate-limit settings (``[[tiers]]``, ``[routing]``)."""
+    budgets: BudgetConfig = field(default_factory=BudgetConfig)
+    """Spend caps (``[budgets]``)."""
     config: Mapping[str, Any] = field(default_factory=dict)
-    """The parsed config file, from which tiers, budgets and alerts are read by their own modules."""
+    """The parsed config file (alerts and monitor settings are read from it by their own modules)."""
+
+    @property
+    def primary_prices(self) -> tuple[float, float] | None:
+        """Prices per 1k input and output tokens of the first tier: the one-call-per-prompt baseline."""
+        if self.routing is None or not self.routing.tiers:
+            return None
+        primary = self.routing.tiers[0]
+        return primary.price_in_per_1k, primary.price_out_per_1k
 
 
 def worker_settings(config: Mapping[str, Any], env: Mapping[str, str] | None = None) -> WorkerSettings:
@@ -104,7 +117,9 @@ def worker_settings(config: Mapping[str, Any], env: Mapping[str, str] | None = N
     if d.task_time_limit_s >= d.visibility_timeout_s:
         raise ConfigError("delivery.task_time_limit_s must be below delivery.visibility_timeout_s, or a running "
                           "batch would be redelivered while it runs", key="delivery.task_time_limit_s")
-    return WorkerSettings(producer=producer_settings(config, env), grouping=g, delivery=d, config=config)
+    routing = parse_routing(config, env) if "tiers" in config else None
+    return WorkerSettings(producer=producer_settings(config, env), grouping=g, delivery=d, routing=routing,
+                          budgets=parse_budgets(config), config=config)
 
 
 @lru_cache(maxsize=1)

@@ -16,6 +16,7 @@ from typing import Any
 import redis
 from celery.signals import worker_ready, worker_shutting_down
 
+from producers.errors import ConfigError
 from workers.app import GROUPER_QUEUE, INFERENCE_QUEUE, app
 from workers.settings import load_worker_settings
 from workers.telemetry import Telemetry
@@ -50,16 +51,14 @@ def grouper() -> Any:
 def runner() -> Any:
     """The batch runner of this process, with its own HTTP client (built after fork)."""
     from workers.inference import BatchRunner
-    from workers.tiers.config import parse_budgets, parse_routing
     from workers.tiers.router import TierRouter
 
     settings = load_worker_settings()
-    routing = parse_routing(settings.config)
-    router = TierRouter(routing, parse_budgets(settings.config), _redis(), settings.producer.redis.keys,
+    if settings.routing is None:
+        raise ConfigError("the config has no [[tiers]]: inference workers need at least one tier", key="tiers")
+    router = TierRouter(settings.routing, settings.budgets, _redis(), settings.producer.redis.keys,
                         telemetry=_telemetry())
-    primary = routing.tiers[0]
-    return BatchRunner(settings, _redis(), router, telemetry=_telemetry(),
-                       primary_prices=(primary.price_in_per_1k, primary.price_out_per_1k))
+    return BatchRunner(settings, _redis(), router, telemetry=_telemetry())
 
 
 def dispatch_batch(batch_id: str, size: int) -> None:

@@ -151,6 +151,10 @@ def _add(pipe: Any, key: str, field: str, value: float) -> None:
         pipe.hincrbyfloat(key, field, float(value))
 
 
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
 def _num(value: Any) -> float:
     try:
         number = float(value)
@@ -366,3 +370,61 @@ class Telemetry:
             b.observe("grouping_seconds", _num(duration_s))
         self._write("tick", b, None if not busy else {
             "duration_s": duration_s, "claimed": claimed, "dispatched": dispatched, "open_items": open_items})
+
+
+# --- reading the windows back (alerts, dashboard, metrics) -----------------------------------
+def window_totals(client: redis.Redis, keys: Keys, *, end: float, seconds: int) -> dict[str, float]:
+    """Sum of the per-second telemetry windows of the ``seconds`` seconds ending at ``end``."""
+    last = int(end)
+    pipe = client.pipeline(transaction=False)
+    for second in range(last - seconds + 1, last + 1):
+        pipe.hgetall(keys.metric_window(second))
+    totals: dict[str, float] = {}
+    for row in pipe.execute():
+        for k, v in row.items():
+            name = _text(k)
+            totals[name] = totals.get(name, 0.0) + float(v)
+    return totals
+
+
+def window_series(client: redis.Redis, keys: Keys, *, end: float, seconds: int,
+                  fields: Sequence[str]) -> list[dict[str, float]]:
+    """Per-second values of some window fields, oldest first (``ts`` added to each row)."""
+    last = int(end)
+    pipe = client.pipeline(transaction=False)
+    seconds_list = list(range(last - seconds + 1, last + 1))
+    for second in seconds_list:
+        pipe.hmget(keys.metric_window(second), list(fields))
+    rows = []
+    for second, values in zip(seconds_list, pipe.execute(), strict=True):
+        row = {"ts": float(second)}
+        for name, value in zip(fields, values, strict=True):
+            row[name] = float(value) if value is not None else 0.0
+        rows.append(row)
+    return rows
+
+
+def latency_buckets(totals: Mapping[str, float]) -> list[float]:
+    """Counts per ``LATENCY_BUCKETS`` bucket (last: +Inf) of the end-to-end latency in a window."""
+    return [totals.get(f"e2e:{i}", 0.0) for i in range(len(LATENCY_BUCKETS) + 1)]
+
+
+def estimate_quantile(counts: Sequence[float], bounds: Sequence[float], q: float) -> float | None:
+    """A quantile from bucket counts, interpolating linearly inside the bucket (as Prometheus does).
+
+    Values in the +Inf bucket are reported at the last finite bound. ``None`` without data.
+    """
+    total = sum(counts)
+    if total <= 0:
+        return None
+    rank = q * total
+    cumulative = 0.0
+    for i, count in enumerate(counts):
+        if cumulative + count >= rank and count > 0:
+            if i >= len(bounds):
+                return float(bounds[-1])
+            lower = 0.0 if i == 0 else float(bounds[i - 1])
+            upper = float(bounds[i])
+            return lower + (upper - lower) * ((rank - cumulative) / count)
+        cumulative += count
+    return float(bounds[-1])

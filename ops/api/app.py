@@ -16,8 +16,8 @@ answers is done by one polling thread for all requests (see ``waiter``), so no r
 thread while it waits.
 """
 
-from __future__ import annotations
-
+# No ``from __future__ import annotations`` here: FastAPI reads the endpoints' annotations at run
+# time, and they name dependencies local to ``create_app``.
 import asyncio
 import dataclasses
 import functools
@@ -27,7 +27,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import redis
 from fastapi import Depends, FastAPI, Path, Query, Request, Response, Security
@@ -135,8 +135,11 @@ def create_app(settings: ApiSettings, *, redis_client: redis.Redis | None = None
     bearer = HTTPBearer(auto_error=False, description="Authorization: Bearer <API key>")
     header_key = APIKeyHeader(name="X-API-Key", auto_error=False, description="The API key, alternatively")
 
-    async def caller(request: Request, _bearer: Any = Security(bearer), _key: Any = Security(header_key)) -> Principal:
+    async def caller(request: Request, _bearer: Annotated[Any, Security(bearer)],
+                     _key: Annotated[Any, Security(header_key)]) -> Principal:
         return state.auth.authenticate(request.headers.get("authorization"), request.headers.get("x-api-key"))
+
+    Caller = Annotated[Principal, Depends(caller)]
 
     async def charge(principal: Principal, response: Response, cost: int = 1) -> None:
         limit = settings.rate_limit_for(principal.tenant)
@@ -150,15 +153,16 @@ def create_app(settings: ApiSettings, *, redis_client: redis.Redis | None = None
                            headers=decision.headers())
         response.headers.update(decision.headers())
 
-    async def limited(response: Response, principal: Principal = Depends(caller)) -> Principal:
+    async def limited(response: Response, principal: Caller) -> Principal:
         await charge(principal, response)
         return principal
+
+    Limited = Annotated[Principal, Depends(limited)]
 
     # --- native endpoints -------------------------------------------------------------------
     @app.post("/v1/prompts", status_code=202, response_model=SubmitResponse, tags=["prompts"],
               responses=ERRORS)
-    async def submit(body: SubmitRequest, response: Response,
-                     principal: Principal = Depends(caller)) -> dict[str, Any]:
+    async def submit(body: SubmitRequest, response: Response, principal: Caller) -> dict[str, Any]:
         """Submit one prompt (``prompt``) or many (``prompts``); answers at once with the ids."""
         common = body.model_dump(exclude_none=True, exclude={"prompt", "prompts"})
         if (body.prompt is None) == (body.prompts is None):
@@ -184,10 +188,10 @@ def create_app(settings: ApiSettings, *, redis_client: redis.Redis | None = None
     @app.get("/v1/prompts/{item_id}", response_model=PromptStatus, tags=["prompts"],
              responses={**ERRORS, 404: {"model": ErrorBody, "description": "Unknown id, or another tenant's"}})
     async def get_prompt(
-        item_id: str = Path(..., pattern=ITEM_ID_PATTERN, description="A prompt id."),
-        wait: float = Query(0.0, ge=0, allow_inf_nan=False,
-                            description="Seconds to wait for the result (cut to [api] max_wait_s)."),
-        principal: Principal = Depends(limited),
+        item_id: Annotated[str, Path(pattern=ITEM_ID_PATTERN, description="A prompt id.")],
+        principal: Limited,
+        wait: Annotated[float, Query(ge=0, allow_inf_nan=False,
+                                     description="Seconds to wait for the result (cut to [api] max_wait_s).")] = 0.0,
     ) -> dict[str, Any]:
         """Status and result of one prompt, waiting up to ``wait`` seconds for it to finish."""
         statuses = await _statuses(state, [item_id], principal.tenant, min(wait, settings.max_wait_s))
@@ -196,7 +200,7 @@ def create_app(settings: ApiSettings, *, redis_client: redis.Redis | None = None
         return statuses[0]
 
     @app.post("/v1/prompts/status", response_model=BatchStatusResponse, tags=["prompts"], responses=ERRORS)
-    async def batch_status(body: BatchStatusRequest, principal: Principal = Depends(limited)) -> dict[str, Any]:
+    async def batch_status(body: BatchStatusRequest, principal: Limited) -> dict[str, Any]:
         """Status and results of many prompts; ids unknown to this tenant are ``not_found``."""
         if len(body.ids) > settings.max_items_per_request:
             raise invalid(f"at most {settings.max_items_per_request} ids per request", param="ids", status=422)
@@ -211,8 +215,7 @@ def create_app(settings: ApiSettings, *, redis_client: redis.Redis | None = None
               "content": {"application/json": {}, "text/event-stream": {}}},
         **ERRORS, 502: {"model": ErrorBody, "description": "Every tier failed"},
         504: {"model": ErrorBody, "description": "No answer within [api] chat_timeout_s"}})
-    async def chat_completions(body: ChatCompletionRequest, response: Response,
-                               principal: Principal = Depends(limited)) -> Response:
+    async def chat_completions(body: ChatCompletionRequest, response: Response, principal: Limited) -> Response:
         """OpenAI's chat completions, answered through Cohort's grouping, coalescing, packing and tiers."""
         created = int(time.time())
         submission = openai_compat.to_submission(body, settings.tiers)
@@ -240,7 +243,7 @@ def create_app(settings: ApiSettings, *, redis_client: redis.Redis | None = None
                                                      max_tokens=max_tokens), headers=headers)
 
     @app.get("/v1/models", tags=["openai"], responses=ERRORS)
-    async def models(_: Principal = Depends(limited)) -> dict[str, Any]:
+    async def models(_: Limited) -> dict[str, Any]:
         """The tier names (a chat ``model`` naming one pins it) and ``cohort`` (route as usual)."""
         names = [*openai_compat.ROUTING_MODELS[:1], *settings.tiers]
         return {"object": "list", "data": [{"id": n, "object": "model", "created": 0, "owned_by": "cohort"}
@@ -263,7 +266,7 @@ def create_app(settings: ApiSettings, *, redis_client: redis.Redis | None = None
 
     if not settings.public_docs:
         @app.get("/openapi.json", include_in_schema=False)
-        async def openapi(_: Principal = Depends(caller)) -> dict[str, Any]:
+        async def openapi(_: Caller) -> dict[str, Any]:
             return app.openapi()
 
     return app
@@ -352,7 +355,7 @@ def _validation_response(path: str, errors: Sequence[Any]) -> ApiError:
     if any(e.get("type") == "json_invalid" for e in errors):
         return invalid("the request body is not valid JSON", status=400, code="invalid_json")
     # The deepest location is the most specific (a union's branch that got furthest).
-    first = max(errors, key=lambda e: len(e.get("loc", ())), default={})
+    first: dict[str, Any] = max(errors, key=lambda e: len(e.get("loc", ())), default={})
     loc = [p for p in first.get("loc", ()) if p not in ("body", "query", "path", "header")]
     # A union reports one error per branch (``str``, ``PromptEntry``): drop the branch names.
     loc = [p for p in loc if not (isinstance(p, str) and (p[:1].isupper() or p in ("str", "list[str]")))]

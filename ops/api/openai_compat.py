@@ -30,8 +30,11 @@ Mapping of a request (``POST /v1/chat/completions``) to an item:
 - Cohort's own options go in an optional ``cohort`` object (``extra_body={"cohort": {...}}`` in the
   openai package): ``complexity``, ``deadline``, ``coalesce``, ``max_cost``, ``context``, ``metadata``.
 
-Usage is the item's ``tokens_in``/``tokens_out``; ``finish_reason`` is ``length`` when the answer
-used all of ``max_tokens``, else ``stop``.
+Usage is the item's ``tokens_in``/``tokens_out``: its share of the upstream call that answered it
+(0 for an answer shared from an identical question or served from the cache). ``finish_reason`` is
+``length`` when the answer used all of ``max_tokens``, else ``stop``. A ``cohort`` object is added
+to the completion (ignored by OpenAI clients): item id, tier, provider model, cost, whether the
+answer was coalesced, cached or packed, and the pipeline's timings.
 """
 
 from __future__ import annotations
@@ -83,10 +86,10 @@ class CohortOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
     complexity: Literal["simple", "medium", "complex"] | None = None
-    deadline: float | None = Field(None, description="Seconds after which the item fails instead of waiting.")
-    coalesce: bool = Field(True, description="False to never share an answer with another item.")
+    deadline: float | None = Field(default=None, description="Seconds after which the item fails instead of waiting.")
+    coalesce: bool = Field(default=True, description="False to never share an answer with another item.")
     max_cost: float | None = None
-    context: str | None = Field(None, description="A shared document the question is about.")
+    context: str | None = Field(default=None, description="A shared document the question is about.")
     metadata: dict[str, Any] | None = None
 
 
@@ -234,7 +237,8 @@ def usage(result: PromptResult) -> dict[str, int]:
 def cohort_extension(result: PromptResult) -> dict[str, Any]:
     """What Cohort adds to a completion, under ``cohort`` (ignored by OpenAI clients)."""
     return {"item_id": result.id, "tier": result.tier, "provider_model": result.model, "cost": result.cost,
-            "coalesced": result.coalesced, "cached": result.cached, "packed": result.packed}
+            "coalesced": result.coalesced, "cached": result.cached, "packed": result.packed,
+            "timings": result.timings}
 
 
 def completion(result: PromptResult, *, item_id: str, created: int, max_tokens: int | None) -> dict[str, Any]:

@@ -17,11 +17,11 @@ class _Strict(BaseModel):
 class PromptParams(_Strict):
     """Model parameters; items with different params never share a call."""
 
-    max_tokens: int | None = Field(None, description="Most output tokens (default 256).")
-    temperature: float | None = Field(None, description="Sampling temperature, 0 to 2 (default 0).")
+    max_tokens: int | None = Field(default=None, description="Most output tokens (default 256).")
+    temperature: float | None = Field(default=None, description="Sampling temperature, 0 to 2 (default 0).")
     top_p: float | None = None
-    stop: str | list[str] | None = Field(None, description="A stop string or at most 4 of them.")
-    model: str | None = Field(None, description="A tier name to pin; absent to let Cohort route.")
+    stop: str | list[str] | None = Field(default=None, description="A stop string or at most 4 of them.")
+    model: str | None = Field(default=None, description="A tier name to pin; absent to let Cohort route.")
 
 
 class PromptOptions(_Strict):
@@ -29,15 +29,15 @@ class PromptOptions(_Strict):
 
     complexity: Literal["simple", "medium", "complex"] | None = Field(
         None, description="Skip Cohort's estimate and route as this complexity.")
-    max_tokens: int | None = Field(None, description="Shortcut for params.max_tokens.")
-    temperature: float | None = Field(None, description="Shortcut for params.temperature.")
+    max_tokens: int | None = Field(default=None, description="Shortcut for params.max_tokens.")
+    temperature: float | None = Field(default=None, description="Shortcut for params.temperature.")
     params: PromptParams | None = None
-    context: str | None = Field(None, description="A shared document the prompt asks about.")
-    system: str | None = Field(None, description="A system message.")
-    metadata: dict[str, Any] | None = Field(None, description="Small JSON object returned with the result.")
-    deadline: float | None = Field(None, description="Seconds from now after which the item fails.")
-    coalesce: bool | None = Field(None, description="false to never share an answer with another item.")
-    max_cost: float | None = Field(None, description="Most this item may cost.")
+    context: str | None = Field(default=None, description="A shared document the prompt asks about.")
+    system: str | None = Field(default=None, description="A system message.")
+    metadata: dict[str, Any] | None = Field(default=None, description="Small JSON object returned with the result.")
+    deadline: float | None = Field(default=None, description="Seconds from now after which the item fails.")
+    coalesce: bool | None = Field(default=None, description="false to never share an answer with another item.")
+    max_cost: float | None = Field(default=None, description="Most this item may cost.")
 
 
 class PromptEntry(PromptOptions):
@@ -49,12 +49,12 @@ class PromptEntry(PromptOptions):
 class SubmitRequest(PromptOptions):
     """Either ``prompt`` (one) or ``prompts`` (many: strings or objects; the other fields are defaults)."""
 
-    prompt: str | None = Field(None, description="The prompt, for a one-prompt request.")
-    prompts: list[str | PromptEntry] | None = Field(None, description="The prompts of a many-prompt request.")
+    prompt: str | None = Field(default=None, description="The prompt, for a one-prompt request.")
+    prompts: list[str | PromptEntry] | None = Field(default=None, description="The prompts of a many-prompt request.")
 
 
 class SubmitResponse(BaseModel):
-    id: str | None = Field(None, description="The id of the prompt (one-prompt requests).")
+    id: str | None = Field(default=None, description="The id of the prompt (one-prompt requests).")
     ids: list[str] = Field(..., description="The ids, in request order.")
 
 
@@ -70,13 +70,13 @@ class ErrorInfo(BaseModel):
 class PromptStatus(BaseModel):
     id: str
     status: Literal["queued", "grouped", "running", "answered", "failed", "not_found"] | str
-    result: dict[str, Any] | None = Field(None, description="The answer record, once answered.")
-    error: ErrorInfo | None = Field(None, description="The final error, once failed.")
+    result: dict[str, Any] | None = Field(default=None, description="The answer record, once answered.")
+    error: ErrorInfo | None = Field(default=None, description="The final error, once failed.")
 
 
 class BatchStatusRequest(_Strict):
     ids: list[str] = Field(..., min_length=1, description="Prompt ids (at most [api] max_items_per_request).")
-    wait: float = Field(0.0, ge=0, allow_inf_nan=False,
+    wait: float = Field(default=0.0, ge=0, allow_inf_nan=False,
                         description="Seconds to wait for every prompt to finish (cut to [api] max_wait_s).")
 
 

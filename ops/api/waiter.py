@@ -8,6 +8,7 @@ Reading Celery's result keys directly keeps the API independent of how results a
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 from collections.abc import Iterable
@@ -115,10 +116,8 @@ class ResultWatcher:
         with self._lock:
             entries = self._waiters.pop(item_id, [])
         for loop, future in entries:
-            try:
+            with contextlib.suppress(RuntimeError):  # the loop has closed: nobody waits any more
                 loop.call_soon_threadsafe(_set_result, future, outcome)
-            except RuntimeError:  # the loop has closed: nobody waits any more
-                pass
 
 
 def _set_result(future: asyncio.Future[Outcome], outcome: Outcome) -> None:

@@ -20,7 +20,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--demo", action="store_true", default=None,
                         help="allow running without COHORT_MONITOR_USER/PASSWORD (no authentication)")
     parser.add_argument("--evaluate-alerts", action="store_true",
-                        help="also evaluate alerts every [alerts] interval_s (when no beat runs cohort.evaluate_alerts)")
+                        help="also evaluate alerts every [alerts] interval_s (where no beat runs them)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:

@@ -18,18 +18,15 @@ import redis
 
 from ops.monitor.metrics import primary_prices
 from producers.keys import Keys
-from workers.alerting import (
-    AlertStore,
-    circuit_states,
-    disabled_tiers,
+from workers.alerting import AlertStore, circuit_states, disabled_tiers, queue_depths, tier_names
+from workers.telemetry import (
+    LATENCY_BUCKETS,
     estimate_quantile,
     latency_buckets,
-    queue_depths,
-    tier_names,
+    parse_field,
     window_series,
     window_totals,
 )
-from workers.telemetry import LATENCY_BUCKETS, parse_field
 
 RATE_WINDOW_S = 10
 LATENCY_WINDOW_S = 60

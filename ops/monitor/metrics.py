@@ -70,9 +70,8 @@ from workers.alerting import (
     disabled_tiers,
     queue_depths,
     tier_names,
-    window_totals,
 )
-from workers.telemetry import HISTOGRAMS, bound_label, parse_field
+from workers.telemetry import HISTOGRAMS, bound_label, parse_field, window_totals
 
 log = logging.getLogger("cohort.monitor")
 
@@ -308,5 +307,5 @@ def make_registry(client: redis.Redis, keys: Keys, config: Mapping[str, Any],
                   alert_settings: AlertSettings) -> CollectorRegistry:
     """A registry holding only Cohort's collector (the monitor process's own figures are not Cohort's)."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(CohortCollector(client, keys, config, alert_settings))  # type: ignore[arg-type]
+    registry.register(CohortCollector(client, keys, config, alert_settings))
     return registry

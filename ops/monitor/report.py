@@ -74,7 +74,8 @@ class PrimaryTier:
                    float(first.get("price_out_per_1k", 0.0)))
 
 
-def read_events(client: redis.Redis, keys: Keys, *, start: float, end: float) -> tuple[list[dict[str, Any]], float | None]:
+def read_events(client: redis.Redis, keys: Keys, *, start: float,
+                end: float) -> tuple[list[dict[str, Any]], float | None]:
     """Events whose ``ts`` lies in [start, end], oldest first, and the ts of the oldest stored event."""
     stream = keys.events()
     oldest = client.xrange(stream, "-", "+", count=1)
@@ -165,13 +166,13 @@ def build_report(events: Sequence[Mapping[str, Any]], *, start: float, end: floa
             cached += bool(e.get("cached"))
             packed += bool(e.get("packed"))
             item_cost += _num(e.get("cost"))
-            answered = outcome == "answered"
-            if not answered:
+            is_answered = outcome == "answered"
+            if not is_answered:
                 errors[str(e.get("error_code") or "unknown")] += 1
             elif e.get("tier"):
                 tiers[str(e["tier"])]["items"] += 1
-            bl_in = e.get("baseline_tokens_in", e.get("tokens_in") if answered else 0)
-            bl_out = e.get("baseline_tokens_out", e.get("tokens_out") if answered else 0)
+            bl_in = e.get("baseline_tokens_in", e.get("tokens_in") if is_answered else 0)
+            bl_out = e.get("baseline_tokens_out", e.get("tokens_out") if is_answered else 0)
             baseline["tokens_in"] += int(_num(bl_in))
             baseline["tokens_out"] += int(_num(bl_out))
             if e.get("baseline_cost") is not None:
@@ -323,8 +324,8 @@ def render_table(r: Mapping[str, Any]) -> str:
         title += f"  tenant {w['tenant']}"
     lines = [title, "=" * len(title)]
     if not w.get("complete", True):
-        lines.append(f"  note: the event stream starts at {time.strftime('%H:%M:%S', time.localtime(w['oldest_event']))};"
-                     " earlier figures are gone")
+        oldest = time.strftime("%H:%M:%S", time.localtime(w["oldest_event"]))
+        lines.append(f"  note: the event stream starts at {oldest}; earlier figures are gone")
     lat = r["latency_s"]
     bl = r["baseline"]
     summary = [

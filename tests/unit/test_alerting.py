@@ -15,11 +15,10 @@ from workers.alerting import (
     BudgetStatus,
     Snapshot,
     alert_settings,
-    estimate_quantile,
     evaluate,
     notify,
 )
-from workers.telemetry import LATENCY_BUCKETS, bucket_index, parse_field
+from workers.telemetry import LATENCY_BUCKETS, bucket_index, estimate_quantile, parse_field
 
 SETTINGS = AlertSettings(min_requests=10, pending_growth_s=60.0)
 
@@ -56,7 +55,8 @@ def test_rate_rules_wait_for_enough_requests() -> None:
     few = window(9, cost=9.0, failed=9, latencies=[10.0] * 9)
     assert firing(evaluate(Snapshot(now=0, window=few), SETTINGS, {})[0]) == set()
     enough = window(10, cost=10.0, failed=10, latencies=[10.0] * 10)
-    assert {"cost_per_request", "error_rate", "latency"} <= firing(evaluate(Snapshot(now=0, window=enough), SETTINGS, {})[0])
+    conditions = evaluate(Snapshot(now=0, window=enough), SETTINGS, {})[0]
+    assert {"cost_per_request", "error_rate", "latency"} <= firing(conditions)
 
 
 def test_error_rate_above_five_percent() -> None:
@@ -263,3 +263,13 @@ def test_counter_fields_round_trip() -> None:
         "items", {"outcome": "answered", "tenant": "a|b"}, None)
     assert parse_field('end_to_end_seconds|{}|+Inf') == ("end_to_end_seconds", {}, "+Inf")
     assert parse_field('model_call_seconds|{"tier":"p"}|0.5') == ("model_call_seconds", {"tier": "p"}, "0.5")
+
+
+def test_the_task_has_a_readable_name_and_no_arguments() -> None:
+    import inspect
+
+    from workers.alert_task import evaluate_alerts
+
+    assert evaluate_alerts.name == "cohort.evaluate_alerts"
+    assert evaluate_alerts.ignore_result
+    assert not inspect.signature(evaluate_alerts.run).parameters

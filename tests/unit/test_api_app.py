@@ -299,7 +299,8 @@ def test_long_poll_is_cut_to_max_wait(redis_db: redis.Redis) -> None:
 
 def test_batch_status_reports_each_id(redis_db: redis.Redis) -> None:
     with api_client(redis_db) as client, answerer(redis_db):
-        ids = client.post("/v1/prompts", headers=AUTH_ACME, json={"prompts": ["one", "UPSTREAM", "SILENT"]}).json()["ids"]
+        submitted = client.post("/v1/prompts", headers=AUTH_ACME, json={"prompts": ["one", "UPSTREAM", "SILENT"]})
+        ids = submitted.json()["ids"]
         beta_id = client.post("/v1/prompts", headers=AUTH_BETA, json={"prompt": "beta's"}).json()["id"]
         response = client.post("/v1/prompts/status", headers=AUTH_ACME,
                                json={"ids": [*ids, beta_id, "unknown-id"], "wait": 0.5})

@@ -7,7 +7,6 @@ import uuid
 from collections.abc import Iterator
 
 import pytest
-import redis
 
 import workers.submit_task as submit_task
 from producers.client import CohortClient
