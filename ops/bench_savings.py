@@ -124,7 +124,7 @@ def through_cohort(cohort: Cohort, prompts: list[Prompt], *, tenant: str, rate: 
             time.sleep(pause)
         handles.append(cohort.client.submit(p.text, context=p.context, tenant=tenant, params=PIN,
                                             max_tokens=MAX_TOKENS))
-    outcomes = cohort.client.wait([h.id for h in handles], timeout=300, raise_on_timeout=False)
+    outcomes = cohort.client.wait([h.id for h in handles], timeout=120, raise_on_timeout=False)
     elapsed = time.monotonic() - started
     results = [o for o in outcomes if isinstance(o, PromptResult)]
     failures = Counter(type(o).__name__ for o in outcomes if not isinstance(o, PromptResult))

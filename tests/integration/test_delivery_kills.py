@@ -24,7 +24,7 @@ import random
 import signal
 import time
 import tomllib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -280,17 +280,19 @@ def test_inference_worker_killed_mid_batch(cohort: Cohort) -> None:
     scenario.finish(timeout=90, max_duplicates=CONCURRENCY * MAX_BATCH)
 
 
-def _start_with_delivery(cohort: Cohort, name: str, delivery: dict[str, Any], **kwargs: Any) -> None:
-    """Start an inference worker whose config differs from the stack's in its ``[delivery]`` table."""
+def _start_with_config(cohort: Cohort, name: str, overrides: dict[str, dict[str, Any]],
+                       start: Callable[[str], None]) -> None:
+    """Start a process (``start(name)``) whose config differs from the stack's in some tables."""
     with cohort.config_path.open("rb") as fh:
         config = tomllib.load(fh)
-    config["delivery"] = {**config.get("delivery", {}), **delivery}
+    for table, values in overrides.items():
+        config[table] = {**config.get(table, {}), **values}
     path = cohort.workdir / f"{name}.toml"
     path.write_text(dump_toml(config))
     shared_env = cohort.env
     cohort.env = {**shared_env, "COHORT_CONFIG": str(path)}
     try:
-        cohort.start_inference(name, **kwargs)
+        start(name)
     finally:
         cohort.env = shared_env
 
@@ -302,8 +304,8 @@ def test_prefork_child_killed_mid_batch_is_rejected_and_requeued(cohort: Cohort)
         if name.startswith("inference") and process.poll() is None:
             cohort.kill(name, signal.SIGKILL)
     # A time limit of 15 s: the soft limit derived from 6 s would interrupt every batch (see the xfail below).
-    _start_with_delivery(cohort, "inference-prefork", {"task_time_limit_s": 15, "visibility_timeout_s": 20},
-                         concurrency=CONCURRENCY, pool="prefork")
+    _start_with_config(cohort, "inference-prefork", {"delivery": {"task_time_limit_s": 15, "visibility_timeout_s": 20}},
+                       lambda name: cohort.start_inference(name, concurrency=CONCURRENCY, pool="prefork"))
     parent = cohort.processes["inference-prefork"].pid
     scenario = Scenario.begin("prefork child SIGKILL mid-batch", cohort)
     ids = scenario.submit(distinct_prompts("pre", 32, rng))
@@ -329,12 +331,6 @@ def test_the_soft_time_limit_leaves_a_batch_most_of_its_time_limit() -> None:
                                                            "visibility_timeout_s": limit + 10}}, env={}))
         assert conf["task_soft_time_limit"] >= 0.5 * limit, (limit, conf["task_soft_time_limit"])
         assert conf["task_soft_time_limit"] < conf["task_time_limit"]
-
-
-def _restart_grouper(cohort: Cohort, name: str) -> None:
-    victim = next(n for n, p in cohort.processes.items() if n.startswith("grouper") and p.poll() is None)
-    cohort.kill(victim, signal.SIGKILL)
-    cohort.start_grouper(name)
 
 
 def test_grouper_killed_between_claim_and_dispatch(cohort: Cohort) -> None:
@@ -368,22 +364,26 @@ def test_grouper_killed_between_claim_and_dispatch(cohort: Cohort) -> None:
                    "leader are never answered. Lead: carry leads through the open pool (see report).")
 def test_grouper_killed_while_a_leader_with_followers_is_open(cohort: Cohort) -> None:
     rng = rng_for("leader")
+    # A grouper that keeps partial batches open for a long time, so that a leader is still open when
+    # its followers arrive and when the grouper is killed.
+    victim = next(n for n, p in cohort.processes.items() if n.startswith("grouper") and p.poll() is None)
+    cohort.kill(victim, signal.SIGKILL)
+    _start_with_config(cohort, "grouper-slow-flush", {"grouping": {"max_wait_s": 30.0}}, cohort.start_grouper)
     scenario = Scenario.begin("grouper SIGKILL with a coalescing leader open", cohort)
     texts = distinct_prompts("lead", 3, rng)
-    scenario.submit(texts)
-    leader_ids = list(scenario.prompts)
+    leader_ids = scenario.submit(texts)
+    wait_until(lambda: scenario.statuses(leader_ids) == ["grouping"] * 3
+               and not cohort.redis.xpending(cohort.keys.pending_stream(), "groupers")["pending"],
+               timeout=60, message="the leaders claimed and open")
     follower_ids = scenario.submit(texts)  # the same questions again: they wait on the leaders' answers
-
-    def leader_open_with_follower() -> bool:
-        statuses = scenario.statuses(follower_ids)
-        return "coalesced" in statuses and any(
-            cohort.redis.zscore(cohort.keys.open_pool(), i) is not None for i in leader_ids)
-
-    wait_until(leader_open_with_follower, timeout=60, interval=0.01, message="a leader open with a follower")
-    _restart_grouper(cohort, "grouper-after-leader-kill")
+    wait_until(lambda: scenario.statuses(follower_ids) == ["coalesced"] * 3, timeout=60,
+               message="the followers attached to their leaders")
+    assert all(cohort.redis.zscore(cohort.keys.open_pool(), i) is not None for i in leader_ids)
+    cohort.kill("grouper-slow-flush", signal.SIGKILL)
+    cohort.start_grouper("grouper-after-leader-kill")
     leaders = {i: scenario.prompts[i] for i in leader_ids}
     FinalWatch(cohort.redis, cohort, leaders).wait_all(GROUPER_LOCK_TTL_S + 30)
-    scenario.finish(timeout=10, max_duplicates=MAX_BATCH)
+    scenario.finish(timeout=15, max_duplicates=MAX_BATCH)
 
 
 def test_beat_killed_and_restarted(cohort: Cohort) -> None:

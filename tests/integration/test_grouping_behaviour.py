@@ -185,6 +185,21 @@ class TestGroupingBehaviour:
                                  tenant="globex")
         assert first.batch_id != second.batch_id
 
+    @pytest.mark.xfail(strict=True, reason="a near-duplicate follower keeps leading its exact marker, never completed")
+    def test_an_exact_duplicate_of_a_near_duplicate_follower_is_answered(self, cohort: Cohort) -> None:
+        first = "Hi, I would like to know how to order a spare card."
+        rewording = "Hello, I would like to know how to order a spare card, please."
+        cohort.sim.set_faults("*", latency_ms=1500.0)
+        try:
+            leader = cohort.client.submit(first, tenant="globex")
+            time.sleep(0.9)  # the leader is in flight: the rewording follows it
+            follower = cohort.client.submit(rewording, tenant="globex")
+            assert cohort.client.wait([leader.id, follower.id], timeout=20)[1].coalesced
+        finally:
+            cohort.sim.set_faults("*", latency_ms=0.0)
+        again = cohort.client.submit(rewording, tenant="globex")
+        assert isinstance(cohort.client.wait([again.id], timeout=6, raise_on_timeout=False)[0], PromptResult)
+
     @pytest.mark.xfail(strict=True, reason="a coalesced follower waits for its leader past its own deadline")
     def test_a_follower_deadline_is_honoured_while_its_leader_is_slow(self, cohort: Cohort) -> None:
         cohort.sim.set_faults("*", latency_ms=4000.0)
