@@ -289,6 +289,8 @@ class DistillConfig(JobConfig):
     """embedding: most training sentences (deduplicated, shuffled with ``seed``)."""
     max_seq_length: int = 128
     """embedding: tokens per sentence while training (the saved student keeps the teacher's limit)."""
+    ffn_fraction: float = 1.0
+    """embedding: share of FFN channels the student keeps (the others pruned by L1 before training)."""
     freeze_embeddings: bool = True
     """embedding: keep the token embedding table as the teacher's (faster steps, less overfitting)."""
     temperature: float = 2.0
@@ -316,6 +318,7 @@ class DistillConfig(JobConfig):
         self._int("max_sentences", minimum=1)
         self._int("max_seq_length", minimum=8, maximum=8192)
         self._bool("freeze_embeddings")
+        self._float("ffn_fraction", low=0.0, high=1.0, low_open=True)
         self._float("temperature", low=0.0, high=100.0, low_open=True)
         self._float("alpha", low=0.0, high=1.0)
         for width in self.student_hidden:

@@ -119,6 +119,14 @@ def distill_embedding(teacher: LoadedModel, config: DistillConfig, ctx: JobConte
     teacher.module.max_seq_length = teacher_length
     layers = select_layers(len(teacher.body.encoder.layer), config.num_layers, config.layer_selection)
     student = make_student(teacher, layers, config.max_seq_length)
+    if config.ffn_fraction < 1.0:
+        from compression_jobs.prune import bert_layers, prune_ffn
+
+        widths = {prune_ffn(layer, 1.0 - config.ffn_fraction) for _, layer in bert_layers(student.body)}
+        if len(widths) == 1:
+            student.body.config.intermediate_size = widths.pop()
+        else:
+            raise CompressionError("DistillConfig.ffn_fraction needs layers of one FFN width", field="ffn_fraction")
     module = student.module.to(device)
     if config.freeze_embeddings:
         for param in student.body.embeddings.word_embeddings.parameters():
@@ -161,6 +169,7 @@ def distill_embedding(teacher: LoadedModel, config: DistillConfig, ctx: JobConte
     metrics = {
         "kind": "embedding",
         "layers_kept": layers,
+        "ffn_width": int(student.body.config.intermediate_size),
         "training_sentences": len(texts),
         "epochs": config.epochs,
         "steps": done,

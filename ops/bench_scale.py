@@ -206,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", default="1,2,4", help="worker counts, one phase each (default 1,2,4)")
     parser.add_argument("--overhead-ms", type=float, default=300.0, help="simulated latency per call (default 300)")
     parser.add_argument("--jitter-ms", type=float, default=0.0, help="uniform +/- noise per call (default 0)")
-    parser.add_argument("--timeout-s", type=float, default=300.0, help="longest wait for one phase (default 300)")
+    parser.add_argument("--timeout-s", type=float, default=200.0, help="longest wait for one phase (default 200)")
     args = parser.parse_args(argv)
     if not 1 <= args.prompts <= 10_000:
         parser.error("--prompts must be between 1 and 10000")

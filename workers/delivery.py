@@ -8,6 +8,7 @@ submitted again if the leader failed); telemetry counts each item exactly once.
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from dataclasses import dataclass
@@ -47,7 +48,13 @@ def baseline_for(item: PromptItem, answer_text: str, prices: tuple[float, float]
 
 
 class Finisher:
-    """Writes final results and fans them out to followers."""
+    """Writes final results and fans them out to followers.
+
+    The coalescing markers an item leads are kept in its status hash (``leads``), so whichever
+    path ends the item, and whichever process it runs in, resolves them: followers of an answered
+    leader get its answer (and, if they lead markers themselves, pass it on); followers of a
+    failed leader are submitted again.
+    """
 
     def __init__(self, settings: WorkerSettings, client: redis.Redis, *, telemetry: Telemetry) -> None:
         self.settings = settings
@@ -57,57 +64,70 @@ class Finisher:
         self.coalescing = CoalescingStore(client, self.keys, inflight_ttl_s=settings.producer.result_ttl_s)
         self._telemetry = telemetry
 
+    # --- leads -----------------------------------------------------------------------------
+    def add_lead(self, item_id: str, kind: str, digest: str) -> None:
+        """Remember that the item leads a marker (called by the grouper when it takes the lead)."""
+        leads = self._leads_of(item_id)
+        if [kind, digest] not in leads:
+            leads.append([kind, digest])
+            self._redis.hset(self.keys.item_status(item_id), "leads", json.dumps(leads))
+
+    def _leads_of(self, item_id: str) -> list[list[str]]:
+        raw = self._redis.hget(self.keys.item_status(item_id), "leads")
+        return json.loads(raw) if raw else []
+
     def _keep_s(self, kind: str, tenant: str) -> int:
         if kind == "exact":
             return self.settings.grouping.coalesce_window_s
         return int(self.settings.producer.tenant_policy(tenant).cache_ttl_s)
 
-    def answered(self, item: PromptItem, answer: dict[str, Any], *, leads: list[tuple[str, str]]) -> None:
+    # --- ending items ----------------------------------------------------------------------
+    def answered(self, item: PromptItem, answer: dict[str, Any]) -> None:
         """Store an item's answer, then answer every follower waiting on it."""
         if self.writer.answer(item.id, answer):
             self._record(item, answer)
-        shared = {k: v for k, v in answer.items() if k not in ("id", "metadata", "timings")}
-        for kind, digest in leads:
-            followers = self.coalescing.complete(partition=coalescing_scope(item), kind=kind, digest=digest,
-                                                 leader=item.id, answer=shared, keep_s=self._keep_s(kind, item.tenant))
-            self._answer_followers(followers, shared)
-
-    def _answer_followers(self, follower_ids: list[str], shared: dict[str, Any]) -> None:
-        if not follower_ids:
-            return
-        now = time.time()
-        for follower in self._load(follower_ids):
-            waited = now - follower.submitted_at
-            answer = dict(shared, id=follower.id, coalesced=True, cached=False, tokens_in=0, tokens_out=0,
-                          cost=0.0, metadata=follower.metadata,
-                          timings={"queue_wait_s": waited, "model_call_s": 0.0, "end_to_end_s": waited})
-            if self.writer.answer(follower.id, answer):
-                self._record(follower, answer)
+        self._fan_out(item, _shared(answer))
 
     def served(self, item: PromptItem, shared: dict[str, Any]) -> None:
         """Answer an item from a stored answer (coalescing window or semantic cache)."""
+        self._answer_shared(item, shared, cached=True)
+        self._fan_out(item, shared)
+
+    def _fan_out(self, leader: PromptItem, shared: dict[str, Any]) -> None:
+        pending = [leader]
+        while pending:
+            item = pending.pop()
+            for kind, digest in self._leads_of(item.id):
+                followers = self.coalescing.complete(
+                    partition=coalescing_scope(item), kind=kind, digest=digest, leader=item.id, answer=shared,
+                    keep_s=self._keep_s(kind, item.tenant))
+                for follower in self._load(followers):
+                    self._answer_shared(follower, shared, cached=False)
+                    pending.append(follower)
+
+    def _answer_shared(self, item: PromptItem, shared: dict[str, Any], *, cached: bool) -> None:
         waited = time.time() - item.submitted_at
-        answer = dict(shared, id=item.id, coalesced=True, cached=True, tokens_in=0, tokens_out=0, cost=0.0,
+        answer = dict(shared, id=item.id, coalesced=True, cached=cached, tokens_in=0, tokens_out=0, cost=0.0,
                       metadata=item.metadata,
                       timings={"queue_wait_s": waited, "model_call_s": 0.0, "end_to_end_s": waited})
         if self.writer.answer(item.id, answer):
             self._record(item, answer)
 
-    def failed(self, item: PromptItem, error: CohortError, *, leads: list[tuple[str, str]]) -> None:
+    def failed(self, item: PromptItem, error: CohortError) -> None:
         """Store an item's final error; its followers are submitted again, not failed with it."""
         if self.writer.fail(item.id, error):
             waited = time.time() - item.submitted_at
             self._telemetry.item_finished(tenant=item.tenant, tier=None, outcome="failed", cost=0.0, tokens_in=0,
                                           tokens_out=0, queue_wait_s=waited, model_call_s=0.0,
                                           end_to_end_s=waited, error_code=error.code)
-        for kind, digest in leads:
+        for kind, digest in self._leads_of(item.id):
             followers = self.coalescing.complete(partition=coalescing_scope(item), kind=kind, digest=digest,
                                                  leader=item.id, answer=None, keep_s=0)
             if followers:
                 requeue(self._redis, self.keys, self.writer, followers, partition=item.partition,
                         max_requeues=self.settings.delivery.max_redeliveries, reason="its leader failed")
 
-    def fail_ids(self, item_ids: list[str], error: CohortError, *, leads: dict[str, list[tuple[str, str]]]) -> None:
+    def fail_ids(self, item_ids: list[str], error: CohortError) -> None:
         """Fail items known by id only (their bodies are loaded when still present)."""
         loaded = {item.id: item for item in self._load(item_ids)}
         for item_id in item_ids:
@@ -115,7 +135,7 @@ class Finisher:
             if item is None:
                 self.writer.fail(item_id, error)
             else:
-                self.failed(item, error, leads=[tuple(x) for x in leads.get(item_id, [])])  # type: ignore[misc]
+                self.failed(item, error)
 
     def _record(self, item: PromptItem, answer: dict[str, Any]) -> None:
         timings = answer.get("timings") or {}
@@ -124,7 +144,8 @@ class Finisher:
         self._telemetry.item_finished(
             tenant=item.tenant, tier=answer.get("tier"), outcome="answered", cost=float(answer.get("cost", 0.0)),
             tokens_in=int(answer.get("tokens_in", 0)), tokens_out=int(answer.get("tokens_out", 0)),
-            queue_wait_s=float(timings.get("queue_wait_s", 0.0)), model_call_s=float(timings.get("model_call_s", 0.0)),
+            queue_wait_s=float(timings.get("queue_wait_s", 0.0)),
+            model_call_s=float(timings.get("model_call_s", 0.0)),
             end_to_end_s=float(timings.get("end_to_end_s", 0.0)), coalesced=bool(answer.get("coalesced")),
             cached=bool(answer.get("cached")), packed=bool(answer.get("packed")),
             baseline_tokens_in=baseline.tokens_in if baseline else None,
@@ -132,12 +153,18 @@ class Finisher:
             baseline_cost=baseline.cost if baseline else None)
 
     def _load(self, item_ids: list[str]) -> list[PromptItem]:
-        raws = self._redis.mget([self.keys.item(i) for i in item_ids])
+        if not item_ids:
+            return []
         items = []
-        for raw in raws:
+        for raw in self._redis.mget([self.keys.item(i) for i in item_ids]):
             if raw is not None:
                 try:
                     items.append(PromptItem.from_json(raw))
                 except CohortError:
                     continue
         return items
+
+
+def _shared(answer: dict[str, Any]) -> dict[str, Any]:
+    """The part of an answer that followers share (not the leader's id, metadata or timings)."""
+    return {k: v for k, v in answer.items() if k not in ("id", "metadata", "timings")}

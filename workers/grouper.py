@@ -20,7 +20,8 @@ import time
 import uuid
 from collections import defaultdict
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import redis
@@ -54,8 +55,6 @@ class OpenItem:
     group: str
     """Partition, plus the context key when the item shares a context with others."""
     context_key: str | None
-    leads: list[tuple[str, str]] = field(default_factory=list)
-    """Coalescing markers (kind, digest) this item leads."""
 
 
 @dataclass(frozen=True)
@@ -141,7 +140,7 @@ class Grouper:
             items, gone = self._load_items(missing)
             if gone:
                 self._redis.zrem(self.keys.open_pool(), *gone)
-            self._admit(items, coalesce=False)
+            self._admit(items, coalesce=False)  # their leads live in Redis
         self._generation = current
 
     def _generation_key(self) -> str:
@@ -221,33 +220,46 @@ class Grouper:
         return None if key is None else "pre:" + key
 
     def _coalesce(self, entry: OpenItem) -> bool:
-        """Attach the item to a leader of the same request; True if it no longer needs a call."""
+        """Attach the item to a leader of the same request; True if it no longer needs a call.
+
+        Joining comes before leading: an item first joins an exact duplicate, then a strictly-same
+        near duplicate (equal signature and cosine above the threshold), and only if neither exists
+        does it take the lead of its own markers, which its eventual answer resolves.
+        """
         item = entry.item
         scope = coalescing_scope(item)
         own_hash = text_hash(item.prompt)
-        marker = self._coalescing.attach(partition=scope, kind="exact", digest=exact_digest(item.prompt),
-                                         item_id=item.id, text_hash=own_hash)
-        if self._settle(entry, marker):
+        exact = exact_digest(item.prompt)
+        joined = self._coalescing.attach(partition=scope, kind="exact", digest=exact, item_id=item.id,
+                                         text_hash=own_hash, may_lead=False)
+        if self._settle(entry, joined):
             return True
-        entry.leads.append(("exact", marker.digest))
         signature = strict_signature(item.prompt) if self.grouping.coalesce_near_duplicates else None
-        if signature is None:
-            return False
-        current = self._coalescing.peek(partition=scope, kind="near", digest=signature)
-        if current is not None and current.get("leader") != item.id:
-            leader_vector = self._encoder.cached_vector(current.get("text_hash") or "")
-            if leader_vector is None or float(leader_vector @ entry.vector) < self.grouping.near_duplicate_threshold:
-                return False
-            marker = self._coalescing.attach(partition=scope, kind="near", digest=signature, item_id=item.id,
-                                             text_hash=own_hash, may_lead=False)
-            return self._settle(entry, marker)
-        marker = self._coalescing.attach(partition=scope, kind="near", digest=signature, item_id=item.id,
-                                         text_hash=own_hash)
-        if self._settle(entry, marker):
-            return True
-        if marker.role == "leader":
-            entry.leads.append(("near", signature))
+        if signature is not None:
+            current = self._coalescing.peek(partition=scope, kind="near", digest=signature)
+            if current is not None and current.get("leader") != item.id:
+                if self._near(entry, current):
+                    joined = self._coalescing.attach(partition=scope, kind="near", digest=signature,
+                                                     item_id=item.id, text_hash=own_hash, may_lead=False)
+                    if self._settle(entry, joined):
+                        return True
+                signature = None  # another request holds this signature: never lead it, never join it blindly
+        for kind, digest in (("exact", exact), ("near", signature)):
+            if digest is None:
+                continue
+            marker = self._coalescing.attach(partition=scope, kind=kind, digest=digest, item_id=item.id,
+                                             text_hash=own_hash)
+            if marker.role == "leader":
+                self._finisher.add_lead(item.id, kind, digest)
+            elif self._settle(entry, marker):  # a marker appeared meanwhile: its answer resolves our leads too
+                return True
         return False
+
+    def _near(self, entry: OpenItem, marker: dict[str, Any]) -> bool:
+        """Whether the embedding of a near-duplicate's leader agrees with the item's."""
+        leader_vector = self._encoder.cached_vector(marker.get("text_hash") or "")
+        return leader_vector is not None and float(leader_vector @ entry.vector) >= \
+            self.grouping.near_duplicate_threshold
 
     def _settle(self, entry: OpenItem, marker: Marker) -> bool:
         if marker.role == "follower":
@@ -331,7 +343,7 @@ class Grouper:
         self._bump_generation(pipe)
         pipe.execute()
         self._generation = (self._generation or 0) + 1
-        self._finisher.failed(entry.item, error, leads=entry.leads)
+        self._finisher.failed(entry.item, error)
 
     # --- 5: record, dispatch, redispatch ------------------------------------------------
     def _record_and_dispatch(self, members: list[OpenItem], kind: str) -> None:
@@ -339,7 +351,6 @@ class Grouper:
         now = self._clock()
         record = {
             "items": json.dumps([m.item.id for m in members]),
-            "leads": json.dumps({m.item.id: m.leads for m in members if m.leads}),
             "kind": kind,
             "tenant": members[0].item.tenant,
             "created": now,
@@ -395,8 +406,7 @@ class Grouper:
 
     def _fail_batch(self, batch_id: str, record: dict[bytes, bytes], error: CohortError) -> None:
         item_ids = json.loads(record[b"items"])
-        leads = json.loads(record.get(b"leads", b"{}"))
-        self._finisher.fail_ids(item_ids, error, leads=leads)
+        self._finisher.fail_ids(item_ids, error)
         pipe = self._redis.pipeline(transaction=False)
         pipe.zrem(self.keys.inflight(), batch_id)
         pipe.delete(self.keys.batch(batch_id))

@@ -104,19 +104,17 @@ class BatchRunner:
         if not record:
             return BatchReport(batch_id, 0, 0, 0, 0, 0)
         item_ids: list[str] = json.loads(record[b"items"])
-        leads: dict[str, list[tuple[str, str]]] = {
-            k: [(kind, digest) for kind, digest in v] for k, v in json.loads(record.get(b"leads", b"{}")).items()}
         deliveries = self._redis.hincrby(self.keys.batch(batch_id), "deliveries", 1)
         if deliveries > self.settings.delivery.max_redeliveries + 1:
             pending = [i for i in item_ids if i not in self._finisher.writer.finals(item_ids)]
             self._finisher.fail_ids(pending, RedeliveryLimit(
-                f"batch was delivered {deliveries} times without completing", deliveries=deliveries), leads=leads)
+                f"batch was delivered {deliveries} times without completing", deliveries=deliveries))
             self._forget(batch_id)
             return BatchReport(batch_id, len(item_ids), 0, len(pending), 0, len(item_ids) - len(pending))
 
         finals = self._finisher.writer.finals(item_ids)
         todo = [i for i in item_ids if i not in finals]
-        items = self._load(todo, leads)
+        items = self._load(todo)
         started = self._clock()
         live: list[PromptItem] = []
         failed = 0
@@ -124,7 +122,7 @@ class BatchRunner:
             if item.deadline is not None and item.deadline <= started:
                 self._finisher.failed(item, DeadlineExceeded(
                     "deadline passed before the item's batch ran",
-                    waited_s=round(started - item.submitted_at, 3)), leads=leads.get(item.id, []))
+                    waited_s=round(started - item.submitted_at, 3)))
                 failed += 1
             else:
                 live.append(item)
@@ -134,11 +132,11 @@ class BatchRunner:
         pipe.execute()
 
         outcome = self._answer(live, batch_id=batch_id, kind=record.get(b"kind", b"cluster").decode(),
-                               started=started, leads=leads)
+                               started=started)
         self._forget(batch_id)
         return BatchReport(batch_id, len(item_ids), outcome[0], failed + outcome[1], outcome[2], len(finals))
 
-    def _load(self, item_ids: list[str], leads: dict[str, list[tuple[str, str]]]) -> list[PromptItem]:
+    def _load(self, item_ids: list[str]) -> list[PromptItem]:
         if not item_ids:
             return []
         items: list[PromptItem] = []
@@ -161,8 +159,8 @@ class BatchRunner:
         pipe.execute()
 
     # --- calls ---------------------------------------------------------------------------
-    def _answer(self, items: list[PromptItem], *, batch_id: str, kind: str, started: float,
-                leads: dict[str, list[tuple[str, str]]]) -> tuple[int, int, int]:
+    def _answer(self, items: list[PromptItem], *, batch_id: str, kind: str, started: float
+                ) -> tuple[int, int, int]:
         if not items:
             return 0, 0, 0
         context, questions = self._questions(items, packed_kind=(kind == "packed"))
@@ -196,13 +194,13 @@ class BatchRunner:
             outcome, packed, shares = results[id(q)]
             if isinstance(outcome, CohortError):
                 for item in q.items:
-                    self._finisher.failed(item, outcome, leads=leads.get(item.id, []))
+                    self._finisher.failed(item, outcome)
                     failed += 1
                 continue
             for position, item in enumerate(q.items):
                 answer = self._answer_record(item, outcome, batch_id=batch_id, started=started, packed=packed,
                                              shares=shares, duplicate=position > 0)
-                self._finisher.answered(item, answer, leads=leads.get(item.id, []))
+                self._finisher.answered(item, answer)
                 answered += 1
         return answered, failed, calls
 

@@ -35,7 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     if not settings.require_auth:
         logging.getLogger("cohort.api").warning("API keys are not required: demo mode, keyless requests act "
                                                 "as tenant %s", settings.anonymous_tenant)
-    uvicorn.run(create_app(settings), host=args.host or settings.host, port=args.port or settings.port,
+    uvicorn.run(create_app(settings), host=args.host or settings.host,
+                port=settings.port if args.port is None else args.port,
                 log_level=args.log_level, access_log=not args.no_access_log, proxy_headers=False,
                 server_header=False)
     return 0

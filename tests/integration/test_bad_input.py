@@ -252,13 +252,13 @@ def _start_workers_and_check(tmp_path: Path, configs: list[tuple[str, str, list[
                    "and Celery's Signal.send logs and swallows a receiver's exception: a worker with a malformed "
                    "config keeps running on Celery's defaults (amqp://guest@localhost:5672) instead of exiting")
 def test_a_worker_with_a_malformed_config_exits_naming_the_bad_key(tmp_path: Path) -> None:
-    _start_workers_and_check(tmp_path, BAD_CONFIGS, timeout=45)
+    _start_workers_and_check(tmp_path, BAD_CONFIGS, timeout=30)
 
 
 @pytest.mark.xfail(strict=True, reason="tiers are parsed on the first batch (workers/tasks.py runner()), not at "
                    "start: a worker with a malformed [[tiers]] table starts, and every batch then fails")
 def test_a_worker_with_a_malformed_tier_exits_at_start(tmp_path: Path) -> None:
-    _start_workers_and_check(tmp_path, [BAD_TIER], timeout=45)
+    _start_workers_and_check(tmp_path, [BAD_TIER], timeout=30)
 
 
 # --- worker side: a running stack -----------------------------------------------------------------
@@ -283,35 +283,6 @@ def _check_clear(outcome: PromptResult | CohortError, prompt: str, *, fault_word
     text = json.dumps(outcome.to_dict()).lower()
     assert any(w.lower() in text for w in fault_words), f"the error does not name the fault: {outcome.to_dict()}"
     return "failed"
-
-
-FAULTS: list[tuple[str, dict[str, float], list[str], bool]] = [
-    # (name, simulator knobs, words a final error must contain, whether every item must be answered)
-    ("non-JSON body, sometimes", {"malformed_rate": 0.3}, ["not json"], False),
-    ("truncated body, sometimes", {"truncated_rate": 0.3}, ["not json", "truncated", "cut"], False),
-    ("wrong number of packed answers", {"packed_miscount_rate": 1.0}, [], True),
-    ("non-JSON body, always", {"malformed_rate": 1.0}, ["not json"], False),
-    ("truncated body, always", {"truncated_rate": 1.0}, ["not json", "truncated", "cut"], False),
-]
-
-
-@pytest.mark.parametrize(("knobs", "words", "all_answered"), [f[1:] for f in FAULTS], ids=[f[0] for f in FAULTS])
-def test_provider_faults_end_each_item_answered_or_failed_clearly(cohort: Cohort, knobs: dict[str, float],
-                                                                  words: list[str], all_answered: bool) -> None:
-    cohort.sim.reset()
-    cohort.sim.set_faults("*", **knobs)
-    try:
-        prompts = _questions(f"fault {uuid.uuid4().hex[:6]}", 24, offset=1000)
-        handles = cohort.client.submit_many(prompts, tenant="acme")
-        outcomes = cohort.client.wait([h.id for h in handles], timeout=120)
-    finally:
-        cohort.sim.reset()
-    kinds = [_check_clear(o, p, fault_words=words) for o, p in zip(outcomes, prompts, strict=True)]
-    print(f"\n[bad input] {knobs}: {kinds.count('answered')} answered, {kinds.count('failed')} failed clearly")
-    if all_answered:
-        assert kinds.count("answered") == len(prompts)
-    if knobs.get("malformed_rate") == 1.0 or knobs.get("truncated_rate") == 1.0:
-        assert kinds.count("failed") == len(prompts)
 
 
 def test_worker_side_bad_items_fail_clearly_and_an_innocent_tenant_is_not_disturbed(cohort: Cohort) -> None:
@@ -351,3 +322,32 @@ def test_worker_side_bad_items_fail_clearly_and_an_innocent_tenant_is_not_distur
         assert isinstance(outcome, PromptResult), outcome
         assert outcome.text == answer_for(prompt)
     wait_until(lambda: cohort.redis.zcard(cohort.keys.inflight()) == 0, timeout=30, message="no batch in flight")
+
+
+FAULTS: list[tuple[str, dict[str, float], list[str], bool]] = [
+    # (name, simulator knobs, words a final error must contain, whether every item must be answered)
+    ("non-JSON body, sometimes", {"malformed_rate": 0.3}, ["not json"], False),
+    ("truncated body, sometimes", {"truncated_rate": 0.3}, ["not json", "truncated", "cut"], False),
+    ("wrong number of packed answers", {"packed_miscount_rate": 1.0}, [], True),
+    ("non-JSON body, always", {"malformed_rate": 1.0}, ["not json"], False),
+    ("truncated body, always", {"truncated_rate": 1.0}, ["not json", "truncated", "cut"], False),
+]
+
+
+@pytest.mark.parametrize(("knobs", "words", "all_answered"), [f[1:] for f in FAULTS], ids=[f[0] for f in FAULTS])
+def test_provider_faults_end_each_item_answered_or_failed_clearly(cohort: Cohort, knobs: dict[str, float],
+                                                                  words: list[str], all_answered: bool) -> None:
+    cohort.sim.reset()
+    cohort.sim.set_faults("*", **knobs)
+    try:
+        prompts = _questions(f"fault {uuid.uuid4().hex[:6]}", 24, offset=1000)
+        handles = cohort.client.submit_many(prompts, tenant="acme")
+        outcomes = cohort.client.wait([h.id for h in handles], timeout=120)
+    finally:
+        cohort.sim.reset()
+    kinds = [_check_clear(o, p, fault_words=words) for o, p in zip(outcomes, prompts, strict=True)]
+    print(f"\n[bad input] {knobs}: {kinds.count('answered')} answered, {kinds.count('failed')} failed clearly")
+    if all_answered:
+        assert kinds.count("answered") == len(prompts)
+    if knobs.get("malformed_rate") == 1.0 or knobs.get("truncated_rate") == 1.0:
+        assert kinds.count("failed") == len(prompts)

@@ -184,12 +184,14 @@ def test_classifier_distillation_improves_the_student(tmp_path: Path) -> None:
 def test_embedding_distillation_builds_a_smaller_encoder(tmp_path: Path) -> None:
     teacher = tiny_encoder_dir(tmp_path / "teacher", num_hidden_layers=3)
     (tmp_path / "sentences.txt").write_text("\n".join(f"sentence number {i} about cards" for i in range(700)))
-    cfg = DistillConfig(num_layers=1, sources=(str(tmp_path / "sentences.txt"),), epochs=1, batch_size=32,
-                        max_sentences=200, lr=1e-3, device="cpu")
+    cfg = DistillConfig(num_layers=2, layer_selection="uniform", ffn_fraction=0.5, epochs=1, batch_size=32,
+                        sources=(str(tmp_path / "sentences.txt"),), max_sentences=200, lr=1e-3, device="cpu")
     result = run_job("distill", str(teacher), cfg.to_json(), str(tmp_path / "store"))
-    assert result["metrics"]["layers_kept"] == [0]
+    assert result["metrics"]["layers_kept"] == [0, 2]
+    assert result["metrics"]["parameters_student"] < result["metrics"]["parameters_teacher"]
     student = load_encoder(result["artifact"])
-    assert len(student[0].model.encoder.layer) == 1
+    assert len(student[0].model.encoder.layer) == 2
+    assert student[0].model.encoder.layer[1].intermediate.dense.weight.shape == (32, 32)
     assert student.encode(["hello"]).shape == (1, 32)
 
 
