@@ -57,6 +57,7 @@ def celery_config(settings: WorkerSettings) -> dict[str, Any]:
         "task_default_queue": INFERENCE_QUEUE,
         "task_routes": {
             "cohort.run_batch": {"queue": INFERENCE_QUEUE},
+            "cohort.submit": {"queue": INFERENCE_QUEUE},
             "cohort.group": {"queue": GROUPER_QUEUE},
             "cohort.evaluate_alerts": {"queue": GROUPER_QUEUE},
             "cohort.compress.*": {"queue": GPU_QUEUE},

@@ -213,6 +213,10 @@ class Scenario:
 
         outcomes = self.watch.outcomes()
         assert len(outcomes) == len(self.prompts)
+        # What a producer reads (``CohortClient.wait``) is that same single final result.
+        ids = list(self.prompts)
+        for item_id, read in zip(ids, self.cohort.client.wait(ids, timeout=10), strict=True):
+            assert type(read) is type(outcomes[item_id]) and str(read) == str(outcomes[item_id])
         answered = failed = own_calls = 0
         for item_id, outcome in outcomes.items():
             if isinstance(outcome, PromptResult):

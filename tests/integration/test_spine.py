@@ -118,3 +118,17 @@ def test_one_grouper_at_a_time_with_two_beats_and_two_groupers() -> None:
         batched = [h.id for h in handles if cohort.redis.hget(cohort.keys.item_status(h.id), "batch") is not None]
         # Each item was put in a batch at most once: two groupers never dispatched the same items.
         assert batched and counters["batched_items"] == len(batched)
+
+
+def test_paraphrases_and_repeats_all_get_an_answer_of_their_own_request(cohort: Cohort) -> None:
+    from ops.workloads import support_stream
+
+    prompts = [p.text for p in support_stream(240, seed=7)]
+    before = cohort.upstream_calls()
+    handles = cohort.client.submit_many(prompts, tenant="globex")
+    results = cohort.client.wait([h.id for h in handles], timeout=120)
+    for prompt, result in zip(prompts, results, strict=True):
+        assert isinstance(result, PromptResult), result
+        sources = [p for p in prompts if strictly_same(p, prompt)]
+        assert result.text in {answer_for(p) for p in sources}
+    assert cohort.upstream_calls() - before < len(set(prompts))
