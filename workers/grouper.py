@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import redis
 
-from producers.errors import CohortError, DeadlineExceeded, InvalidPrompt, RedeliveryLimit
+from producers.errors import CohortError, DeadlineExceeded, InvalidPrompt, ItemFailed, RedeliveryLimit
 from producers.keys import Keys
 from producers.schema import PromptItem
 from workers.clustering import cluster
@@ -150,14 +150,19 @@ class Grouper:
         pipe.incr(self._generation_key())
 
     def _load_items(self, item_ids: list[str]) -> tuple[list[PromptItem], list[str]]:
-        """Bodies of items still waiting; ids whose body expired or that are already final."""
+        """Bodies of items still waiting, and the ids that are not (already final, or failed here)."""
         finals = self._writer.finals(item_ids)
         items: list[PromptItem] = []
         gone: list[str] = []
         for start in range(0, len(item_ids), 1000):
             chunk = item_ids[start:start + 1000]
             for item_id, raw in zip(chunk, self._redis.mget([self.keys.item(i) for i in chunk]), strict=True):
-                if raw is None or item_id in finals:
+                if item_id in finals:
+                    gone.append(item_id)
+                    continue
+                if raw is None:
+                    self._writer.fail(item_id, ItemFailed(
+                        "the item's body expired from Redis before it was grouped", item_id=item_id))
                     gone.append(item_id)
                     continue
                 try:
