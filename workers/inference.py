@@ -24,7 +24,7 @@ from typing import Any
 
 import redis
 
-from producers.errors import CohortError, DeadlineExceeded, ItemFailed, RedeliveryLimit
+from producers.errors import CohortError, ContextTooLong, DeadlineExceeded, ItemFailed, RedeliveryLimit
 from producers.keys import Keys
 from producers.schema import COMPLEXITIES, PromptItem
 from workers.delivery import Finisher
@@ -32,6 +32,7 @@ from workers.locks import RELEASE_IF_OWNER
 from workers.packing import (
     PACKED_SYSTEM,
     packed_user_content,
+    packing_saves,
     parse_packed_answers,
     single_user_content,
     split_shared_prefix,
@@ -79,6 +80,8 @@ class BatchRunner:
         self._router = router
         self._finisher = Finisher(settings, client, telemetry=telemetry)
         self._clock = clock
+        prices = settings.primary_prices
+        self._price_ratio = prices[1] / prices[0] if prices and prices[0] > 0 else 1.0
         self._release = client.register_script(RELEASE_IF_OWNER)
 
     def run(self, batch_id: str) -> BatchReport:
@@ -168,10 +171,13 @@ class BatchRunner:
         alone = [q for q in questions if q.leader.max_cost is not None]
         calls = 0
         results: dict[int, tuple[Completion | CohortError, bool, int]] = {}
-        if len(packable) > 1:
+        system = packable[0].leader.system if packable else None
+        if packing_saves([q.text for q in packable], context, system, output_price_ratio=self._price_ratio):
             calls += 1
             packed_outcome = self._call_packed(packable, context)
-            if isinstance(packed_outcome, CohortError):
+            if isinstance(packed_outcome, ContextTooLong):
+                alone += packable  # too much for one call on any tier: ask one by one
+            elif isinstance(packed_outcome, CohortError):
                 for q in packable:
                     results[id(q)] = (packed_outcome, True, len(packable))
             else:

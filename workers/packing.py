@@ -1,6 +1,7 @@
 """Packing several questions into one model call, and matching the answers back.
 
-A packed call carries the shared context once and the numbered questions, and asks for JSON::
+A packed call carries the shared context once and the numbered questions, and asks for JSON
+(``packing_saves`` decides whether packing a set of questions is worth it)::
 
     Context:
     <the shared document>
@@ -20,9 +21,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+
+from workers.tiers.tokens import CHARS_PER_TOKEN, PER_MESSAGE_TOKENS, REPLY_PRIMER_TOKENS
 
 PACKED_SYSTEM = (
     "You answer several independent questions. Reply with JSON only, in the form "
@@ -33,6 +37,34 @@ MIN_SHARED_PREFIX = 200
 """A prompt prefix this long (characters) shared by several items is packed as their context."""
 PREFIX_PROBE = 160
 """Characters of a prompt's start used to find items that may share a long prefix."""
+
+
+JSON_ANSWER_OVERHEAD_TOKENS = 12
+"""Output tokens a packed reply spends per question on its JSON frame (``{"id": n, "answer": ...}``)."""
+
+
+def _tokens(text: str | None) -> int:
+    return 0 if not text else math.ceil(len(text) / CHARS_PER_TOKEN)
+
+
+def packing_saves(questions: Sequence[str], context: str | None, system: str | None, *,
+                  output_price_ratio: float) -> bool:
+    """Whether one packed call costs less than one call per question.
+
+    Packing sends the shared context and system message once instead of once per question, and
+    pays for the packing instructions and a JSON frame around every answer (output tokens, priced
+    ``output_price_ratio`` times input tokens). Unrelated short questions gain nothing from it:
+    they are sent as separate calls (concurrently), and only what shares a context is packed.
+    """
+    n = len(questions)
+    if n < 2:
+        return False
+    shared = _tokens(context) + _tokens(system) + PER_MESSAGE_TOKENS * (2 if system else 1) + REPLY_PRIMER_TOKENS
+    saved = (n - 1) * shared
+    numbering = sum(_tokens(f"[{i}] ") for i in range(1, n + 1))
+    frames = n * JSON_ANSWER_OVERHEAD_TOKENS * output_price_ratio
+    extra = _tokens(PACKED_SYSTEM) + PER_MESSAGE_TOKENS + numbering + frames
+    return saved > extra
 
 
 @dataclass(frozen=True)

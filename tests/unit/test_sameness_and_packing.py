@@ -77,3 +77,13 @@ def test_shared_prefix_becomes_the_context() -> None:
     assert context is not None and len(context) >= MIN_SHARED_PREFIX
     assert rests == ["What does it cost?", "Does it include insurance?"]
     assert split_shared_prefix(["short one", "short two"]) == (None, ["short one", "short two"])
+
+
+def test_packing_pays_only_when_questions_share_a_context_or_system_message() -> None:
+    from workers.packing import packing_saves
+
+    short = ["How do I reset my PIN?"] * 16
+    assert not packing_saves(short, None, None, output_price_ratio=3.0)
+    assert packing_saves(short, "A shared document. " * 40, None, output_price_ratio=3.0)
+    assert packing_saves(short[:4], None, "You are a careful banking assistant. " * 20, output_price_ratio=3.0)
+    assert not packing_saves(short[:1], "A shared document. " * 40, None, output_price_ratio=3.0)
