@@ -195,11 +195,23 @@ class Grouper:
         return len(entries), coalesced
 
     def _admit(self, items: list[PromptItem], *, coalesce: bool) -> int:
-        """Embed items and add them to the open pool, coalescing duplicates onto leaders."""
+        """Add items to the open pool, coalescing duplicates onto leaders.
+
+        Exact duplicates are joined before anything is embedded, so a repeated prompt costs the
+        encoder nothing; the rest are embedded (cached by text hash) and tested as near-duplicates.
+        """
         if not items:
             return 0
-        vectors = self._encoder.embed([item.prompt for item in items])
         taken: list[str] = []
+        if coalesce:
+            remaining = []
+            for item in items:
+                if item.coalesce and self._join_exact(item):
+                    taken.append(item.id)
+                else:
+                    remaining.append(item)
+            items = remaining
+        vectors = self._encoder.embed([item.prompt for item in items]) if items else []
         for item, vector in zip(items, vectors, strict=True):
             context_key = self._context_key(item)
             group = item.partition if context_key is None else f"{item.partition}#{context_key}"
@@ -224,21 +236,25 @@ class Grouper:
         key = prefix_key(item.prompt)
         return None if key is None else "pre:" + key
 
-    def _coalesce(self, entry: OpenItem) -> bool:
-        """Attach the item to a leader of the same request; True if it no longer needs a call.
+    def _join_exact(self, item: PromptItem) -> bool:
+        """Join an exact duplicate's leader (or its kept answer); True if the item needs no call."""
+        marker = self._coalescing.attach(partition=coalescing_scope(item), kind="exact",
+                                         digest=exact_digest(item.prompt), item_id=item.id,
+                                         text_hash=text_hash(item.prompt), may_lead=False)
+        return self._settle(item, marker)
 
-        Joining comes before leading: an item first joins an exact duplicate, then a strictly-same
-        near duplicate (equal signature and cosine above the threshold), and only if neither exists
-        does it take the lead of its own markers, which its eventual answer resolves.
+    def _coalesce(self, entry: OpenItem) -> bool:
+        """Join a strictly-same near duplicate, or else lead this request; True if no call is needed.
+
+        Joining comes before leading (exact duplicates were tried in ``_join_exact``): an item joins
+        a near duplicate only when the signatures are equal and the cosine is above the threshold,
+        and only if nothing can be joined does it take the lead of its own markers, which its
+        eventual answer resolves.
         """
         item = entry.item
         scope = coalescing_scope(item)
         own_hash = text_hash(item.prompt)
         exact = exact_digest(item.prompt)
-        joined = self._coalescing.attach(partition=scope, kind="exact", digest=exact, item_id=item.id,
-                                         text_hash=own_hash, may_lead=False)
-        if self._settle(entry, joined):
-            return True
         signature = strict_signature(item.prompt) if self.grouping.coalesce_near_duplicates else None
         if signature is not None:
             current = self._coalescing.peek(partition=scope, kind="near", digest=signature)
@@ -246,7 +262,7 @@ class Grouper:
                 if self._near(entry, current):
                     joined = self._coalescing.attach(partition=scope, kind="near", digest=signature,
                                                      item_id=item.id, text_hash=own_hash, may_lead=False)
-                    if self._settle(entry, joined):
+                    if self._settle(item, joined):
                         return True
                 signature = None  # another request holds this signature: never lead it, never join it blindly
         for kind, digest in (("exact", exact), ("near", signature)):
@@ -256,7 +272,7 @@ class Grouper:
                                              text_hash=own_hash)
             if marker.role == "leader":
                 self._finisher.add_lead(item.id, kind, digest)
-            elif self._settle(entry, marker):  # a marker appeared meanwhile: its answer resolves our leads too
+            elif self._settle(item, marker):  # a marker appeared meanwhile: its answer resolves our leads too
                 return True
         return False
 
@@ -266,12 +282,12 @@ class Grouper:
         return leader_vector is not None and float(leader_vector @ entry.vector) >= \
             self.grouping.near_duplicate_threshold
 
-    def _settle(self, entry: OpenItem, marker: Marker) -> bool:
+    def _settle(self, item: PromptItem, marker: Marker) -> bool:
         if marker.role == "follower":
-            self._redis.hset(self.keys.item_status(entry.item.id), "status", "coalesced")
+            self._redis.hset(self.keys.item_status(item.id), "status", "coalesced")
             return True
         if marker.role == "done" and marker.answer is not None:
-            self._finisher.served(entry.item, marker.answer)
+            self._finisher.served(item, marker.answer)
             return True
         return False
 
