@@ -106,8 +106,9 @@ def _interrupt(signum: int, _frame: object) -> None:
 
 def _start_front(cohort, flower_auth: str) -> dict[str, int]:
     """Flower, the HTTP API and the monitor, on free ports."""
-    from ops.launcher import _free_port
     import httpx
+
+    from ops.launcher import _free_port
 
     ports = {"flower": _free_port(), "api": _free_port(), "monitor": _free_port()}
     cohort.start("flower", ["flower", f"--port={ports['flower']}", "--address=127.0.0.1",
@@ -126,7 +127,7 @@ def _start_front(cohort, flower_auth: str) -> dict[str, int]:
 
     for name, path in (("api", "/healthz"), ("monitor", "/metrics")):
         url = f"http://127.0.0.1:{ports[name]}{path}"
-        wait_until(lambda: up(name, url), timeout=60, message=f"the {name} server")
+        wait_until(lambda name=name, url=url: up(name, url), timeout=60, message=f"the {name} server")
     return ports
 
 

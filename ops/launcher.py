@@ -41,6 +41,7 @@ from ops.configfile import default_config, write_config
 from producers import CohortClient, load_producer_settings
 from producers.keys import Keys
 
+
 def _die_with_parent() -> None:
     """In a child before exec: own session (signals to the group), and SIGTERM when the launcher dies."""
     os.setsid()

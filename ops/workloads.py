@@ -103,7 +103,9 @@ def documents_workload(*, documents: int = 8, questions_per_document: int = 24, 
     prompts: list[Prompt] = []
     for index, passage in enumerate(passages):
         for q in range(questions_per_document):
-            question = questions[q % len(questions)] + ("" if q < len(questions) else f" (part {q // len(questions) + 1})")
+            question = questions[q % len(questions)]
+            if q >= len(questions):
+                question += f" (part {q // len(questions) + 1})"
             prompts.append(Prompt(f"{passage}\n\nQuestion: {question}", f"doc{index}"))
     rng.shuffle(prompts)
     return prompts

@@ -17,7 +17,8 @@ INFERENCE_QUEUE = "inference"
 GROUPER_QUEUE = "grouper"
 GPU_QUEUE = "gpu"
 
-app = Celery("cohort", set_as_current=False, include=["workers.tasks", "workers.submit_task", "workers.alert_task", "compression_jobs.tasks"])
+app = Celery("cohort", set_as_current=False,
+             include=["workers.tasks", "workers.submit_task", "workers.alert_task", "compression_jobs.tasks"])
 
 
 def celery_config(settings: WorkerSettings) -> dict[str, Any]:

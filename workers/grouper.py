@@ -211,7 +211,7 @@ class Grouper:
                 else:
                     remaining.append(item)
             items = remaining
-        vectors = self._encoder.embed([item.prompt for item in items]) if items else []
+        vectors = self._encoder.embed([item.prompt for item in items])
         for item, vector in zip(items, vectors, strict=True):
             context_key = self._context_key(item)
             group = item.partition if context_key is None else f"{item.partition}#{context_key}"

@@ -23,7 +23,7 @@ _WORD = re.compile(r"[^\W_]+(?:'[^\W_]+)?|\d+(?:[.,]\d+)*|[%$€£+\-*/=<>]", re
 # question words and prepositions are deliberately absent: they change meaning.
 FILLER_WORDS = frozenset({
     "a", "an", "the", "please", "pls", "kindly", "hi", "hello", "hey", "thanks", "thank", "you",
-    "just", "i", "i'm", "im", "me", "my", "we", "us", "our", "you", "your", "can",
+    "just", "i", "i'm", "im", "me", "my", "we", "us", "our", "your", "can",
     "could", "would", "do", "does", "is", "are",
     "am", "be", "it", "its", "this", "that", "there", "here",
     "really", "actually", 

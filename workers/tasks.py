@@ -6,6 +6,7 @@ Flower and in broker messages): ``cohort.group(reason)`` and ``cohort.run_batch(
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
 import threading
@@ -109,10 +110,8 @@ def run_batch(self: Any, batch_id: str, items: int = 0) -> dict[str, Any]:
 
 
 def _report_incomplete(batch_id: str) -> None:
-    try:
+    with contextlib.suppress(redis.RedisError):  # else the sweep finds it after ``lost_batch_after_s``
         runner().ended_incomplete(batch_id)
-    except redis.RedisError:
-        pass  # the sweep finds the batch after ``lost_batch_after_s``
 
 
 # --- worker heartbeat (read by health checks) -----------------------------------------------
