@@ -42,7 +42,7 @@ def select_layers(total: int, keep: int, how: str) -> list[int]:
 
 def make_student(teacher: LoadedModel, layers: list[int], max_seq_length: int) -> LoadedModel:
     student = teacher.clone()
-    body = student.body
+    body: Any = student.body
     encoder = getattr(body, "encoder", None)
     if encoder is None or not hasattr(encoder, "layer"):
         raise CompressionError("embedding distillation needs a BERT-like encoder (encoder.layer)", field="kind")
@@ -117,19 +117,21 @@ def distill_embedding(teacher: LoadedModel, config: DistillConfig, ctx: JobConte
                 show_progress_bar=False).float().cpu()
         ctx.progress(min(start + step, len(texts)), len(texts), "teacher embeddings")
     teacher.module.max_seq_length = teacher_length
-    layers = select_layers(len(teacher.body.encoder.layer), config.num_layers, config.layer_selection)
+    teacher_body: Any = teacher.body
+    layers = select_layers(len(teacher_body.encoder.layer), config.num_layers, config.layer_selection)
     student = make_student(teacher, layers, config.max_seq_length)
+    student_body: Any = student.body
     if config.ffn_fraction < 1.0:
         from compression_jobs.prune import bert_layers, prune_ffn
 
         widths = {prune_ffn(layer, 1.0 - config.ffn_fraction) for _, layer in bert_layers(student.body)}
         if len(widths) == 1:
-            student.body.config.intermediate_size = widths.pop()
+            student_body.config.intermediate_size = widths.pop()
         else:
             raise CompressionError("DistillConfig.ffn_fraction needs layers of one FFN width", field="ffn_fraction")
     module = student.module.to(device)
     if config.freeze_embeddings:
-        for param in student.body.embeddings.word_embeddings.parameters():
+        for param in student_body.embeddings.word_embeddings.parameters():
             param.requires_grad_(False)
     trainable = [p for p in module.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
@@ -169,7 +171,7 @@ def distill_embedding(teacher: LoadedModel, config: DistillConfig, ctx: JobConte
     metrics = {
         "kind": "embedding",
         "layers_kept": layers,
-        "ffn_width": int(student.body.config.intermediate_size),
+        "ffn_width": int(student_body.config.intermediate_size),
         "training_sentences": len(texts),
         "epochs": config.epochs,
         "steps": done,
@@ -209,7 +211,7 @@ def distill_classifier(teacher: LoadedModel, config: DistillConfig, ctx: JobCont
     if teacher.kind != TORCH:
         raise CompressionError(f"classifier distillation needs a torch module teacher, got {teacher.kind}",
                                field="kind")
-    arrays = data.read_arrays(config.data)
+    arrays = data.read_arrays(str(config.data))
     if "y" not in arrays:
         raise CompressionError(f"{config.data} has no labels: classifier distillation needs an array 'y'",
                                field="data")

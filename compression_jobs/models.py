@@ -105,7 +105,7 @@ def _load_hf(path: Path, structure: dict[str, Any] | None = None) -> torch.nn.Mo
     try:
         config = transformers.AutoConfig.from_pretrained(str(path))
         arch = (getattr(config, "architectures", None) or [None])[0]
-        cls = getattr(transformers, arch, None) if arch else None
+        cls: Any = getattr(transformers, arch, None) if arch else None
         cls = cls if isinstance(cls, type) else transformers.AutoModel
         kwargs = {"ignore_mismatched_sizes": True} if structure else {}
         with warnings.catch_warnings():
@@ -152,6 +152,7 @@ def _load_artifact(path: Path, *, verify: bool) -> LoadedModel:
         verify_files(path, manifest)
     inner = path / info.get("path", "model")
     kind, structure, recipe = info.get("kind"), info.get("structure"), manifest.get("recipe")
+    module: Any
     if kind == ST:
         module = load_encoder(str(path), verify=False)
         return LoadedModel(ST, module, str(path), manifest, recipe, structure)
@@ -186,6 +187,7 @@ def save_model(model: LoadedModel, dest: Path) -> None:
 def parameter_count(module: torch.nn.Module) -> int:
     """Parameters and packed int8 weights of a module."""
     count = sum(p.numel() for p in module.parameters())
+    m: Any
     for m in module.modules():
         packed = getattr(m, "_packed_params", None)
         if packed is not None and hasattr(m, "weight"):

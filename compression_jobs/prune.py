@@ -33,9 +33,9 @@ def sparsity(tensor: torch.Tensor) -> float:
     return float((tensor == 0).sum()) / max(1, tensor.numel())
 
 
-def bert_layers(body: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+def bert_layers(body: torch.nn.Module) -> list[tuple[str, Any]]:
     """Layers with BERT-style attention (``attention.self.query``) and FFN (``intermediate.dense``)."""
-    layers = []
+    layers: list[tuple[str, Any]] = []
     for name, module in body.named_modules():
         attn = getattr(module, "attention", None)
         if (attn is not None and hasattr(getattr(attn, "self", None), "query")
@@ -73,13 +73,13 @@ def _count_to_remove(total: int, amount: float, what: str) -> int:
     return n
 
 
-def prune_heads(layer: torch.nn.Module, amount: float) -> int:
+def prune_heads(layer: Any, amount: float) -> int:
     """Remove the heads of lowest L1 weight mass; returns the heads kept."""
     attn = layer.attention
     heads, size = attn.self.num_attention_heads, attn.self.attention_head_size
     drop = _count_to_remove(heads, amount, "head")
-    score = sum(getattr(attn.self, p).weight.abs().reshape(heads, size, -1).sum(dim=(1, 2))
-                for p in ("query", "key", "value"))
+    score: torch.Tensor = sum(getattr(attn.self, p).weight.abs().reshape(heads, size, -1).sum(dim=(1, 2))
+                              for p in ("query", "key", "value"))
     score = score + attn.output.dense.weight.abs().reshape(-1, heads, size).sum(dim=(0, 2))
     kept_heads = torch.sort(torch.argsort(score, descending=True)[: heads - drop]).values
     index = (kept_heads[:, None] * size + torch.arange(size)[None, :]).reshape(-1)
@@ -91,7 +91,7 @@ def prune_heads(layer: torch.nn.Module, amount: float) -> int:
     return heads - drop
 
 
-def prune_ffn(layer: torch.nn.Module, amount: float) -> int:
+def prune_ffn(layer: Any, amount: float) -> int:
     """Remove the FFN channels of lowest L1 weight mass; returns the channels kept."""
     inter, out = layer.intermediate.dense, layer.output.dense
     width = inter.out_features
@@ -108,7 +108,7 @@ def prune(model: LoadedModel, config: PruneConfig, ctx: JobContext) -> Outcome:
     """Prune ``model`` in place as ``config`` says; masks are removed, shapes shrink when structured."""
     if model.recipe:
         raise CompressionError(f"the model is {model.recipe.get('kind')}: prune its float parent instead")
-    body = model.body
+    body: Any = model.body
     before = parameter_count(body)
     metrics: dict[str, Any] = {"kind": config.kind, "amount": config.amount, "parameters_before": before}
     if config.kind in ("l1_unstructured", "global_l1_unstructured"):

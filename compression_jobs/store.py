@@ -32,6 +32,7 @@ from workers.encoder_loading import (
 )
 
 TMP_PREFIX = ".tmp-"
+_SUFFIX = re.compile(r"-\d{8}T\d{6}-[0-9a-f]{8}$")
 
 __all__ = ["TMP_PREFIX", "artifact_name", "list_artifacts", "read_manifest", "remove_stale",
            "verify_files", "write_artifact"]
@@ -39,7 +40,8 @@ __all__ = ["TMP_PREFIX", "artifact_name", "list_artifacts", "read_manifest", "re
 
 def artifact_name(job: str, parent: str) -> str:
     """A unique, sortable directory name: ``<job>-<parent stem>-<UTC time>-<random>``."""
-    stem = re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(parent.rstrip("/")).name or "model").strip("-.")[:40] or "model"
+    stem = _SUFFIX.sub("", Path(parent.rstrip("/")).name)  # an artifact parent: drop its time and id
+    stem = re.sub(r"[^A-Za-z0-9_.-]+", "-", stem).strip("-.")[:48] or "model"
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
     return f"{job}-{stem}-{stamp}-{uuid.uuid4().hex[:8]}"
 
@@ -58,6 +60,8 @@ def _hash_and_sync(root: Path) -> dict[str, str]:
         if path.is_symlink():
             raise CompressionError(f"artifact files must be regular files, {path.name} is a link")
         if path.is_file():
+            # Some writers (safetensors) create 0600 files; an artifact is read by other workers.
+            os.chmod(path, 0o644)
             _fsync_path(path)
             files[path.relative_to(root).as_posix()] = sha256_file(path)
     for folder in sorted((p for p in root.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):

@@ -42,6 +42,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import functools
 import hashlib
 import os
 import random
@@ -156,7 +157,7 @@ def naive_cluster(vectors: np.ndarray, *, threshold: float, max_size: int) -> li
 
 
 # --- measurement -----------------------------------------------------------------------------
-def timed(fn: Callable[[], object], repeats: int) -> tuple[float, object]:
+def timed(fn: Callable[[], list[list[int]]], repeats: int) -> tuple[float, list[list[int]]]:
     """Median seconds of ``repeats`` calls after one warm-up, and the last result."""
     result = fn()
     times = []
@@ -203,22 +204,21 @@ def speed_table(sets: dict[str, dict[int, np.ndarray]], repeats: int,
         for name, by_size in sets.items():
             for n, vectors in by_size.items():
                 reps = repeats if n <= 10_000 else max(1, repeats // 2)
+                ours_fn = functools.partial(cluster, vectors, threshold=THRESHOLD, max_size=MAX_SIZE)
+                naive_fn = functools.partial(naive_cluster, vectors, threshold=THRESHOLD, max_size=MAX_SIZE)
                 with blas_threads(threads):
-                    ours_s, ours = timed(lambda v=vectors: cluster(v, threshold=THRESHOLD, max_size=MAX_SIZE), reps)
-                    ours_mem = peak_bytes(lambda v=vectors: cluster(v, threshold=THRESHOLD, max_size=MAX_SIZE))
+                    ours_s, ours = timed(ours_fn, reps)
+                    ours_mem = peak_bytes(ours_fn)
                     if n <= NAIVE_LIMIT:
-                        base_s, base = timed(
-                            lambda v=vectors: naive_cluster(v, threshold=THRESHOLD, max_size=MAX_SIZE),
-                            max(1, reps // 2 + 1))
-                        base_mem = peak_bytes(
-                            lambda v=vectors: naive_cluster(v, threshold=THRESHOLD, max_size=MAX_SIZE))
+                        base_s, base = timed(naive_fn, max(1, reps // 2 + 1))
+                        base_mem = peak_bytes(naive_fn)
                 medians[(name, n, threads)] = ours_s
                 if n <= NAIVE_LIMIT:
                     naive_cells = (f"{base_s * 1000:.1f}", _mib(base_mem), f"{base_s / ours_s:.1f}x",
-                                   f"{len(ours)} / {len(base)}")  # type: ignore[arg-type]
+                                   f"{len(ours)} / {len(base)}")
                 else:
                     naive_cells = ("not run", f"~{n * n * 4 / 2**30:.0f} GiB (matrix alone)", "-",
-                                   f"{len(ours)} / -")  # type: ignore[arg-type]
+                                   f"{len(ours)} / -")
                 rows.append(f"| {name} | {n:,} | {label} | {ours_s * 1000:.1f} | {_mib(ours_mem)} | {naive_cells[0]} | "
                             f"{naive_cells[1]} | {naive_cells[2]} | {naive_cells[3]} |")
                 print(rows[-1], file=sys.stderr)

@@ -1,6 +1,6 @@
 """Benchmark of the compressed encoders against fp32 all-MiniLM-L6-v2, measured in one run.
 
-    python -m ops.bench_compression [--threads 2] [--repeats 5] [--retrain]
+    python -m ops.bench_compression [--threads 2] [--rounds 20] [--retrain]
 
 Rows: fp32, int8 (the default ``QuantizeConfig`` recipe), the distilled student, the student
 plus int8. Columns: sentences per second (median of alternating rounds in this process) and
@@ -41,15 +41,17 @@ FLOORS = {
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
-    parser.add_argument("--repeats", type=int, default=5, help="timed rounds per model (default 5)")
-    parser.add_argument("--sentences", type=int, default=1000, help="sentences per timed round (default 1000)")
+    parser.add_argument("--rounds", type=int, default=20, help="timed rounds per model (default 20)")
+    parser.add_argument("--chunk", type=int, default=250, help="sentences per timed round (default 250)")
     parser.add_argument("--stream", type=int, default=3000, help="Banking77 queries held out as the stream")
     parser.add_argument("--window", type=int, default=200, help="queries clustered together (default 200)")
     parser.add_argument("--threshold", type=float, default=0.85, help="grouping cosine threshold (default 0.85)")
     parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="store and cache directory")
     parser.add_argument("--retrain", action="store_true", help="train the student again even if cached")
-    parser.add_argument("--max-sentences", type=int, default=24000, help="student training sentences")
+    parser.add_argument("--max-sentences", type=int, default=16000, help="student training sentences")
     parser.add_argument("--epochs", type=int, default=2, help="student training epochs")
+    parser.add_argument("--ffn-fraction", type=float, default=0.5,
+                        help="share of FFN channels the student keeps (default 0.5)")
     parser.add_argument("--skip-classifier", action="store_true", help="leave out the classifier example")
     parser.add_argument("--json", type=Path, help="also write the figures to this JSON file")
     return parser.parse_args(argv)
@@ -60,7 +62,7 @@ def log(message: str) -> None:
 
 
 def progress_printer(label: str):
-    last = {"stage": None, "at": 0.0}
+    last: dict[str, Any] = {"stage": None, "at": 0.0}
 
     def report(step: int, total: int, stage: str) -> None:
         now = time.monotonic()
@@ -112,17 +114,28 @@ def banking_split(stream_size: int, cache: Path) -> tuple[list[str], Path]:
     return stream, rest
 
 
-def throughput(models: dict[str, Any], texts: list[str], repeats: int) -> dict[str, float]:
-    """Sentences per second of each model: median of ``repeats`` alternating rounds."""
-    times: dict[str, list[float]] = {name: [] for name in models}
+def throughput(models: dict[str, Any], texts: list[str], *, rounds: int, chunk: int) -> dict[str, dict[str, float]]:
+    """Sentences per second of each model, and its speed ratio to the first model.
+
+    Each round times every model on the same chunk of ``texts``, in a rotating order; the rate is
+    the median over rounds and the ratio the median of the per-round ratios, so that load from
+    other processes, which drifts over seconds, weighs on all models alike.
+    """
+    names = list(models)
+    rates: dict[str, list[float]] = {name: [] for name in names}
     for model in models.values():
         model.encode(texts[:128], batch_size=64, show_progress_bar=False)
-    for _ in range(repeats):
-        for name, model in models.items():
-            started = time.perf_counter()
-            model.encode(texts, batch_size=64, show_progress_bar=False)
-            times[name].append(time.perf_counter() - started)
-    return {name: len(texts) / statistics.median(values) for name, values in times.items()}
+    for r in range(rounds):
+        start = (r * chunk) % max(1, len(texts) - chunk + 1)
+        part = texts[start:start + chunk]
+        for name in names[r % len(names):] + names[: r % len(names)]:
+            began = time.perf_counter()
+            models[name].encode(part, batch_size=64, show_progress_bar=False)
+            rates[name].append(len(part) / (time.perf_counter() - began))
+    base = names[0]
+    return {name: {"per_s": statistics.median(rates[name]),
+                   "ratio": statistics.median(a / b for a, b in zip(rates[name], rates[base], strict=True))}
+            for name in names}
 
 
 def embed(model: Any, texts: list[str]) -> Any:
@@ -166,6 +179,24 @@ def grouping_agreement(reference: list[list[int]], candidate: list[list[int]]) -
     }
 
 
+def matched_threshold(reference: list[list[int]], vectors: Any, *, window: int) -> dict[str, float]:
+    """The threshold at which an encoder puts as many pairs together as the reference does,
+    and its agreement there: what the grouper's threshold should be for that encoder."""
+    def pair_count(batches: list[list[int]]) -> int:
+        return sum(len(b) * (len(b) - 1) // 2 for b in batches)
+
+    target = pair_count(reference)
+    best: tuple[int, float, list[list[int]]] | None = None
+    for step in range(0, 31):
+        threshold = round(0.80 + 0.005 * step, 3)
+        batches = grouping(vectors, window=window, threshold=threshold)
+        gap = abs(pair_count(batches) - target)
+        if best is None or gap < best[0]:
+            best = (gap, threshold, batches)
+    assert best is not None
+    return {"threshold": best[1], **grouping_agreement(reference, best[2])}
+
+
 def classifier_example(fp32: Any, cache: Path, store: Path) -> dict[str, Any]:
     """Banking77 intents: an MLP teacher on frozen fp32 embeddings, distilled into a smaller MLP."""
     import numpy as np
@@ -184,25 +215,25 @@ def classifier_example(fp32: Any, cache: Path, store: Path) -> dict[str, Any]:
         y = np.asarray([labels.index(label) for _, label in rows], dtype=np.int64)
         np.savez(npz, x=x, y=y)
     arrays = np.load(npz)
-    x, y = torch.as_tensor(arrays["x"]), torch.as_tensor(arrays["y"])
-    train, _ = split_rows(len(x), 0.2, 0)  # the same split as the distill job's holdout
+    xs, ys = torch.as_tensor(arrays["x"]), torch.as_tensor(arrays["y"])
+    train, _ = split_rows(len(xs), 0.2, 0)  # the same split as the distill job's holdout
     teacher_path = cache / "banking77-teacher.pt"
     if not teacher_path.exists():
         torch.manual_seed(0)
-        teacher = mlp([x.shape[1], 512, len(labels)])
+        teacher = mlp([xs.shape[1], 512, len(labels)])
         optimizer = torch.optim.AdamW(teacher.parameters(), lr=2e-3, weight_decay=0.01)
         idx = torch.as_tensor(train)
         for _ in range(40):
             for batch in idx[torch.randperm(len(idx))].split(128):
-                loss = torch.nn.functional.cross_entropy(teacher(x[batch]), y[batch])
+                loss = torch.nn.functional.cross_entropy(teacher(xs[batch]), ys[batch])
                 optimizer.zero_grad()
                 loss.backward()
                 optimizer.step()
         torch.save(teacher.eval(), teacher_path)
     results: dict[str, Any] = {}
-    for name, alpha in (("distilled", 0.7), ("labels_only", 0.0)):
-        config = DistillConfig(kind="classifier", data=str(npz), student_hidden=(32,), epochs=30, lr=3e-3,
-                               batch_size=128, temperature=4.0, alpha=alpha, holdout_fraction=0.2)
+    for name, alpha in (("distilled", 0.5), ("labels_only", 0.0)):
+        config = DistillConfig(kind="classifier", data=str(npz), student_hidden=(32,), epochs=60, lr=3e-3,
+                               batch_size=128, temperature=2.0, alpha=alpha, holdout_fraction=0.2)
         artifact, _ = produce(store, "distill", config, str(teacher_path))
         from workers.encoder_loading import read_manifest
 
@@ -231,7 +262,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     quantize = QuantizeConfig()
     student_config = DistillConfig(
-        kind="embedding", num_layers=3, layer_selection="uniform",
+        kind="embedding", num_layers=3, layer_selection="uniform", ffn_fraction=args.ffn_fraction,
         sources=("paws_wiki", "stsb_train", "self_instruct", "arena_hard", str(banking_rest)),
         max_sentences=args.max_sentences, epochs=args.epochs, lr=1e-4, batch_size=64, max_seq_length=128)
     int8_path, _ = produce(store, "quantize", quantize, PACKAGED)
@@ -240,8 +271,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     specs = {"fp32": PACKAGED, "int8": int8_path, "student": student_path, "student+int8": student_int8_path}
     models = {name: load_encoder(spec) for name, spec in specs.items()}
 
-    log(f"timing {len(models)} encoders, {args.repeats} rounds of {args.sentences} sentences")
-    speed = throughput(models, stream[: args.sentences], args.repeats)
+    log(f"timing {len(models)} encoders, {args.rounds} rounds of {args.chunk} sentences")
+    speed = throughput(models, stream[:1000], rounds=args.rounds, chunk=args.chunk)
     log("embedding the stream and STS-B dev")
     vectors = {name: embed(model, stream) for name, model in models.items()}
     pairs = data.stsb_dev()
@@ -250,12 +281,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     rows: dict[str, dict[str, Any]] = {}
     for name, model in models.items():
-        body = model[0].model
+        body: Any = model[0]
+        body = body.model
         cosine = (vectors[name] * vectors["fp32"]).sum(1)
         path = resolve_path(specs[name])
         rows[name] = {
-            "sentences_per_s": round(speed[name], 1),
-            "ratio": round(speed[name] / speed["fp32"], 3),
+            "sentences_per_s": round(speed[name]["per_s"], 1),
+            "ratio": round(speed[name]["ratio"], 3),
             "cosine_mean": round(float(cosine.mean()), 5),
             "cosine_min": round(float(cosine.min()), 5),
             "stsb_spearman": round(stsb[name], 5),
@@ -264,13 +296,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             "weights_mb": round(serialized_bytes(body) / 2**20, 1),
             "parameters": parameter_count(body),
             "grouping": {k: round(v, 4) for k, v in grouping_agreement(batches["fp32"], batches[name]).items()},
+            "grouping_matched": {k: round(v, 4) for k, v in matched_threshold(
+                batches["fp32"], vectors[name], window=args.window).items()},
             "path": str(specs[name]),
         }
     classifier = None if args.skip_classifier else classifier_example(models["fp32"], cache, store)
 
     print(f"\nCompressed encoders vs fp32 all-MiniLM-L6-v2 (same run, {args.threads} torch threads, "
-          f"{os.cpu_count()} CPUs, VNNI {'yes' if cpu_has_vnni() else 'no'}, median of {args.repeats} rounds "
-          f"of {args.sentences} Banking77 queries, batch 64)\n")
+          f"{os.cpu_count()} CPUs, VNNI {'yes' if cpu_has_vnni() else 'no'}, medians of {args.rounds} interleaved "
+          f"rounds of {args.chunk} Banking77 queries, batch 64)\n")
     header = (f"{'encoder':<13} {'sent/s':>7} {'ratio':>6} {'cos mean':>8} {'cos min':>8} {'STS-B':>7} "
               f"{'% fp32':>7} {'disk MB':>8} {'wts MB':>7} {'params':>11}")
     print(header)
@@ -288,13 +322,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         g = r["grouping"]
         print(f"{name:<13} {100 * g['pairs_kept']:>9.1f}% {100 * g['pairs_added']:>10.1f}% "
               f"{100 * g['batches_identical']:>16.1f}% {g['mean_batch']:>10.3f}")
+    print(f"\nThe same at the threshold that gives each encoder as many same-batch pairs as fp32 at "
+          f"{args.threshold}:")
+    print(f"{'encoder':<13} {'threshold':>9} {'pairs kept':>10} {'pairs added':>11} {'batches identical':>17}")
+    for name, r in rows.items():
+        g = r["grouping_matched"]
+        print(f"{name:<13} {g['threshold']:>9.3f} {100 * g['pairs_kept']:>9.1f}% {100 * g['pairs_added']:>10.1f}% "
+              f"{100 * g['batches_identical']:>16.1f}%")
     if classifier:
         print("\nBanking77 intent classifier on frozen fp32 MiniLM embeddings (held-out 20% of train.csv):")
         d, plain = classifier["distilled"], classifier["labels_only"]
         print(f"  teacher MLP 384-512-77 ({d['parameters_teacher']:,} params): accuracy {d['accuracy_teacher']:.4f}")
-        print(f"  student MLP 384-32-77  ({d['parameters_student']:,} params), distilled (T=4, alpha=0.7): "
-              f"accuracy {d['accuracy_student']:.4f}")
-        print(f"  same student on hard labels only: accuracy {plain['accuracy_student']:.4f}")
+        print(f"  student MLP 384-32-77  ({d['parameters_student']:,} params), distilled (T=2, alpha=0.5): "
+              f"accuracy {d['accuracy_student']:.4f}, agrees with the teacher on {d['agreement_with_teacher']:.4f}")
+        print(f"  same student on hard labels only: accuracy {plain['accuracy_student']:.4f}, agrees with the "
+              f"teacher on {plain['agreement_with_teacher']:.4f}")
     print("\nFloors:")
     verdicts = {}
     for name, floor in FLOORS.items():

@@ -108,6 +108,7 @@ def run(args: argparse.Namespace) -> str:
     rows: list[list[Any]] = []
     results: dict[int, RunResult] = {}
     spread: dict[int, dict[str, int]] = {}
+    drains: dict[int, float] = {}
     notes: list[str] = []
     sim_options = {"overhead_ms": args.overhead_ms, "latency_ms": 0, "jitter_ms": args.jitter_ms}
     with run_cohort(db=DB, inference_workers=counts[0], concurrency=args.concurrency, pool="threads",
@@ -150,8 +151,13 @@ def run(args: argparse.Namespace) -> str:
             print(f"{k} worker(s): {result.answered}/{result.prompts} in {result.wall_s:.1f} s "
                   f"= {result.throughput:.1f} prompts/s; batches per node {list(spread[k].values())}; "
                   f"{len(batch_ids)} batches from {ticks} grouper ticks", flush=True)
+            seen = sorted(o.seen - first for o in watcher.outcomes.values() if o.seen is not None)
+            drain = (len(seen) - 1) / (seen[-1] - seen[0]) if len(seen) > 1 and seen[-1] > seen[0] else 0.0
+            drains[k] = drain
             rows.append([k, args.concurrency, result.answered, f"{result.wall_s:.1f}", f"{result.throughput:.1f}",
-                         f"{result.throughput / results[counts[0]].throughput:.2f}x", result.calls,
+                         f"{result.throughput / results[counts[0]].throughput:.2f}x",
+                         f"{seen[0] if seen else 0:.1f}", f"{drain:.1f}", f"{drain / drains[counts[0]]:.2f}x",
+                         result.calls,
                          " / ".join(str(v) for v in spread[k].values()), len(batch_ids), ticks,
                          f"{result.latency(0.5):.2f}", f"{result.latency(0.99):.2f}"])
             if result.failed:
@@ -167,7 +173,8 @@ def run(args: argparse.Namespace) -> str:
 
     ratio = results[counts[-1]].throughput / results[counts[0]].throughput
     headers = ["inference workers", "threads each", "answered", "wall s", "prompts/s", "vs 1 worker",
-               "upstream calls", "batches per worker node", "batches", "grouper ticks", "p50 s", "p99 s"]
+               "first answer s", "drain prompts/s", "drain vs 1", "upstream calls", "batches per worker node",
+               "batches", "grouper ticks", "p50 s", "p99 s"]
     verdict = "met" if ratio >= FLOOR else "MISSED"
     lines = [
         "# Horizontal scale: inference worker processes behind one grouper",
@@ -177,12 +184,21 @@ def run(args: argparse.Namespace) -> str:
         "",
         f"Simulator: {args.overhead_ms:g} ms per call (+/- {args.jitter_ms:g} ms), whatever the batch size. "
         f"Each phase submits the same {len(prompts)} distinct Banking77 prompts at once (a tenant per phase, so "
-        "nothing is shared between phases) and is timed from the first submit to the last answer. "
-        f"Workers: `-P threads -c {args.concurrency}`, each a process with its own node name.",
+        "nothing is shared between phases) and is timed from the first submit to the last answer; `first answer` "
+        "is when the first result appeared (the grouper's time to admit the burst and dispatch the first batches), "
+        "`drain` the rate between the first and the last answer. "
+        f"Workers: `-P threads -c {args.concurrency}`, each a process with its own node name. Concurrency per "
+        "process is fixed and small on purpose: the floor is about adding processes, and on this 2-core machine "
+        "(shared with the grouper, beat, Redis, the simulator and this script) four processes at "
+        f"`-c {args.concurrency}` hold {4 * args.concurrency} batches of up to 16 prompts in flight (each one packed "
+        "call, or up to 8 concurrent calls of unrelated questions); at the production default (`-c 16`) a single "
+        "process would saturate the cores and the test would measure the CPU instead.",
         "",
         markdown_table(headers, rows),
         "",
-        f"- Floor: {counts[-1]} workers at least {FLOOR:g}x one worker: **{verdict}** ({ratio:.2f}x).",
+        f"- Floor: {counts[-1]} workers at least {FLOOR:g}x one worker (prompts/s, first submit to last answer): "
+        f"**{verdict}** ({ratio:.2f}x). Between the first and the last answer (the workers draining the queue, "
+        f"after the grouper has admitted the burst): {drains[counts[-1]] / drains[counts[0]]:.2f}x.",
         f"- One grouper served every phase: {len(grouper_processes)} grouper process, {len(groupers)} live node "
         f"consuming the `grouper` queue ({', '.join(groupers)}); every batch above was formed by it and consumed "
         "by the inference node named in its column.",

@@ -135,16 +135,28 @@ def follow(result: Any, *, timeout: float | None = None, out: TextIO | None = No
     return value if isinstance(value, dict) else {"result": value}
 
 
-def cancel(app: Any, task_id: str) -> None:
-    """Abort a running job (it stops at its next progress report) and revoke a queued one."""
-    from celery.contrib.abortable import AbortableAsyncResult
+def cancel(app: Any, task_id: str, *, settle_s: float = 10.0) -> str:
+    """Abort a running job (it stops at its next progress report) and revoke a queued one.
 
-    AbortableAsyncResult(task_id, app=app).abort()
+    A progress report written just after the abort can overwrite it, so the abort is repeated
+    while the job still reports progress, for at most ``settle_s`` seconds. Returns the last state.
+    """
+    from celery.contrib.abortable import ABORTED, AbortableAsyncResult
+
+    result = AbortableAsyncResult(task_id, app=app)
     app.control.revoke(task_id)
+    result.abort()
+    deadline = time.monotonic() + settle_s
+    state = result.state
+    while state in ("PROGRESS", "STARTED") and time.monotonic() < deadline:
+        result.abort()
+        time.sleep(POLL_S)
+        state = result.state
+    return ABORTED if state == ABORTED else state
 
 
 def run_cancel(args: argparse.Namespace) -> int:
     app, _ = _app()
-    cancel(app, args.task_id)
-    print(json.dumps({"task_id": args.task_id, "cancel": "requested"}))
+    state = cancel(app, args.task_id)
+    print(json.dumps({"task_id": args.task_id, "cancel": "requested", "state": state}))
     return 0

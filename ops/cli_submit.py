@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import sys
 from dataclasses import asdict
@@ -28,7 +29,10 @@ def register(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    stream: TextIO = sys.stdin if args.file == "-" else open(args.file, encoding="utf-8")  # noqa: SIM115
+    # Undecodable bytes become lone surrogates, which the schema refuses as invalid UTF-8 for that
+    # line alone: one bad line never stops the others.
+    stream: TextIO = (io.TextIOWrapper(sys.stdin.buffer, encoding="utf-8", errors="surrogateescape")
+                      if args.file == "-" else open(args.file, encoding="utf-8", errors="surrogateescape"))  # noqa: SIM115
     with stream:
         entries = list(read_entries(stream, jsonl=args.jsonl))
     client = CohortClient.from_env()
@@ -57,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
         for (slot, _), outcome in zip(valid, outcomes, strict=True):
             slots[slot].update(_outcome(outcome))
     for slot in slots:
-        print(json.dumps(slot, ensure_ascii=False))
+        print(json.dumps(slot))
     client.close()
     return 0 if all("error" not in s for s in slots) else 1
 

@@ -178,11 +178,17 @@ def producer_loop(cohort: Cohort, ledger: Ledger, texts: list[str], *, rate: flo
         done.set()
 
 
-def chaos_loop(cohort: Cohort, *, every_s: float, stop: threading.Event, kills: list[dict[str, Any]],
-               concurrency: int) -> None:
-    """SIGKILL one inference worker (in turn) every ``every_s`` seconds and start a replacement at once."""
+def chaos_loop(cohort: Cohort, *, every_s: float, stop: threading.Event, calm: threading.Event,
+               kills: list[dict[str, Any]], concurrency: int) -> None:
+    """SIGKILL one inference worker (in turn) every ``every_s`` seconds and start a replacement at once.
+
+    Kills stop once ``calm`` is set; the thread itself lives until ``stop``, because the launcher's
+    processes die with the thread that started them (parent-death signal).
+    """
     generation = 0
     while not stop.wait(every_s):
+        if calm.is_set():
+            continue
         alive = sorted(n for n, p in cohort.processes.items() if n.startswith("inference") and p.poll() is None)
         if not alive:
             continue
@@ -234,9 +240,9 @@ def run(args: argparse.Namespace, base: str) -> dict[str, Any]:
         started = time.time()
         producer = threading.Thread(target=producer_loop, args=(cohort, ledger, texts),
                                     kwargs={"rate": args.rate, "stop": stop, "done": submitted_all}, daemon=True)
-        chaos_stop = threading.Event()
+        calm, chaos_end = threading.Event(), threading.Event()
         chaos = threading.Thread(target=chaos_loop, args=(cohort,),
-                                 kwargs={"every_s": args.kill_every, "stop": chaos_stop, "kills": kills,
+                                 kwargs={"every_s": args.kill_every, "stop": chaos_end, "calm": calm, "kills": kills,
                                          "concurrency": args.concurrency}, daemon=True)
         producer.start()
         if args.kill_every > 0:
@@ -247,7 +253,7 @@ def run(args: argparse.Namespace, base: str) -> dict[str, Any]:
                 pending = list(ledger.pending)
             ledger.read(cohort.redis, cohort.keys, pending)
             if submitted_all.is_set():
-                chaos_stop.set()  # the chaos runs while prompts arrive; then the backlog drains
+                calm.set()  # the chaos runs while prompts arrive; then the backlog drains
                 if not ledger.pending:
                     break
             if time.monotonic() - last_print > 10:
@@ -255,11 +261,9 @@ def run(args: argparse.Namespace, base: str) -> dict[str, Any]:
                 print(f"soak: {time.time() - started:6.0f} s  submitted {len(ledger.submitted_at)}  "
                       f"final {len(ledger.first)}  kills {len(kills)}", flush=True)
             time.sleep(0.5)
-        stop.set()
-        chaos_stop.set()
+        calm.set()
+        stop.set()  # (the producer, if the time ran out)
         producer.join(timeout=30)
-        if chaos.is_alive():
-            chaos.join(timeout=120)
         finished = time.time()
         # Late duplicates: every unacknowledged task delivered again now; nothing may change.
         redelivered = force_redelivery(cohort.client.settings.redis.url)
@@ -269,6 +273,9 @@ def run(args: argparse.Namespace, base: str) -> dict[str, Any]:
             time.sleep(2)
         stats = cohort.sim.stats()
         counters = {k.decode(): float(v) for k, v in cohort.redis.hgetall(cohort.keys.counters()).items()}
+        chaos_end.set()
+        if chaos.is_alive():
+            chaos.join(timeout=max(10.0, args.kill_every + 130))
         return summarize(args, ledger, stats, counters, kills, started=started, finished=finished,
                          redelivered=redelivered)
 

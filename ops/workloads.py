@@ -35,10 +35,13 @@ class Prompt:
     context: str | None = None
 
 
-def banking77(limit: int | None = None) -> list[Prompt]:
+def banking77(limit: int | None = None, *, seed: int | None = 0) -> list[Prompt]:
+    """Banking77 train queries, shuffled with ``seed`` (the file is sorted by intent); ``None`` keeps file order."""
     path = data_dir() / "banking77" / "train.csv"
     with path.open(encoding="utf-8") as fh:
         rows = [Prompt(r["text"], r["category"]) for r in csv.DictReader(fh)]
+    if seed is not None:
+        random.Random(seed).shuffle(rows)
     return rows[:limit] if limit else rows
 
 

@@ -19,6 +19,7 @@ Every error Cohort raises, in every role, is a ``CohortError``::
     ├── FallbackExhausted           every tier and attempt was used (carries every attempt)
     ├── DeadlineExceeded            the item's deadline passed before it could be answered
     ├── RedeliveryLimit             the item was redelivered too often
+    ├── GrouperLockLost             a grouping tick outlived its lock (internal: the tick stops)
     └── CompressionError            a compression job cannot run or failed
 
 Errors that travel as final results keep their class name as ``code`` so that any
@@ -128,6 +129,10 @@ class RedeliveryLimit(CohortError):
     code = "redelivery_limit"
 
 
+class GrouperLockLost(CohortError):
+    code = "grouper_lock_lost"
+
+
 class CompressionError(CohortError):
     code = "compression_error"
 
@@ -138,6 +143,6 @@ ERRORS_BY_CODE: dict[str, type[CohortError]] = {
         CohortError, ConfigError, SubmitError, InvalidPrompt, UnknownTenant, ResultTimeout, ItemFailed,
         ProviderError, ProviderUnavailable, ProviderRejected, ProviderAuthError, ContextTooLong,
         MalformedResponse, BudgetExceeded, FallbackExhausted, DeadlineExceeded, RedeliveryLimit,
-        CompressionError,
+        GrouperLockLost, CompressionError,
     )
 }

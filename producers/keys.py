@@ -54,6 +54,10 @@ class Keys:
         """Counter bumped by every change of the open pool, so a grouper process knows when to reload it."""
         return self._k("open", "gen")
 
+    def follower_deadlines(self) -> str:
+        """Sorted set of coalesced followers that have a deadline (score: the deadline)."""
+        return self._k("co", "deadlines")
+
     def grouper_lock(self) -> str:
         return self._k("lock", "grouper")
 

@@ -108,8 +108,11 @@ class PromptItem:
 
     @property
     def partition(self) -> str:
-        """Items share a batch only within one partition: same tenant, same params."""
-        return f"{self.tenant}/{self.params.partition_key()}"
+        """Items share a batch (and an answer) only within one partition: same tenant, params and system."""
+        partition = f"{self.tenant}/{self.params.partition_key()}"
+        if self.system is not None:
+            partition += "/" + hashlib.sha1(self.system.encode()).hexdigest()[:12]
+        return partition
 
     def to_json(self) -> str:
         data = asdict(self)

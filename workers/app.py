@@ -17,8 +17,20 @@ INFERENCE_QUEUE = "inference"
 GROUPER_QUEUE = "grouper"
 GPU_QUEUE = "gpu"
 
-app = Celery("cohort", set_as_current=False,
-             include=["workers.tasks", "workers.submit_task", "workers.alert_task", "compression_jobs.tasks"])
+class CohortCelery(Celery):
+    """Celery configured from Cohort's settings when first used.
+
+    ``on_configure`` is a method here, not a signal receiver: Celery's signal dispatch logs and
+    swallows a receiver's exception, and a worker with a malformed config must stop, naming the
+    bad key, rather than run on Celery's defaults.
+    """
+
+    def on_configure(self) -> None:
+        self.conf.update(celery_config(load_worker_settings()))
+
+
+app = CohortCelery("cohort", set_as_current=False,
+                   include=["workers.tasks", "workers.submit_task", "workers.alert_task", "compression_jobs.tasks"])
 
 
 def celery_config(settings: WorkerSettings) -> dict[str, Any]:
@@ -49,7 +61,8 @@ def celery_config(settings: WorkerSettings) -> dict[str, Any]:
         "task_acks_on_failure_or_timeout": True,
         "worker_prefetch_multiplier": 1,
         "task_time_limit": delivery.task_time_limit_s,
-        "task_soft_time_limit": max(1, delivery.task_time_limit_s - 10),
+        # The soft limit leaves a batch most of its time and a moment to record what it did.
+        "task_soft_time_limit": delivery.task_time_limit_s - max(1, min(10, delivery.task_time_limit_s // 10)),
         "result_expires": settings.producer.result_ttl_s,
         "result_extended": False,
         "result_backend_thread_safe": True,
@@ -87,9 +100,3 @@ def beat_schedule(settings: WorkerSettings) -> dict[str, Any]:
             "options": {"queue": GROUPER_QUEUE, "expires": 2 * alerts.interval_s},
         }
     return schedule
-
-
-@app.on_configure.connect
-def _configure(sender: Celery, **_: Any) -> None:
-    sender.conf.update(celery_config(load_worker_settings()))
-

@@ -12,7 +12,9 @@ Pairs split across two cells can be missed; that costs a little grouping, never 
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 
 import numpy as np
 
@@ -124,3 +126,15 @@ def _nearest(rows: np.ndarray, centroids: np.ndarray) -> np.ndarray:
     for start in range(0, len(rows), 8192):
         labels[start:start + 8192] = np.argmax(rows[start:start + 8192] @ centroids.T, axis=1)
     return labels
+
+
+@contextlib.contextmanager
+def cpu_threads(threads: int) -> Iterator[None]:
+    """Limit BLAS threads for the block (``threads <= 0``: leave the library default)."""
+    if threads <= 0:
+        yield
+        return
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=threads, user_api="blas"):
+        yield

@@ -22,9 +22,10 @@ def text_hash(text: str) -> str:
 class Encoder:
     """Embeds texts with the configured encoder (name or directory), normalized float32."""
 
-    def __init__(self, spec: str, *, device: str = "cpu") -> None:
+    def __init__(self, spec: str, *, device: str = "cpu", threads: int = 0) -> None:
         self.spec = spec
         self._device = device
+        self._threads = threads
         self._model: Any = None
         self.cache_tag = hashlib.sha1(spec.encode()).hexdigest()[:8]
 
@@ -32,6 +33,10 @@ class Encoder:
         if self._model is None:
             from workers.encoder_loading import load_encoder
 
+            if self._threads > 0:
+                import torch
+
+                torch.set_num_threads(self._threads)
             self._model = load_encoder(self.spec, device=self._device)
         return self._model
 

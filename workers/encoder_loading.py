@@ -157,7 +157,8 @@ def load_encoder(spec: str, *, device: str = "cpu", verify: bool = True) -> Sent
         model = _load_st(path / model_info.get("path", "model"), device=device,
                          structure=model_info.get("structure"))
         if recipe:
-            model[0].model = apply_recipe(model[0].model, recipe, artifact=path)
+            transformer: Any = model[0]
+            transformer.model = apply_recipe(transformer.model, recipe, artifact=path)
             model.eval()
         return model
     if (path / "modules.json").is_file():
@@ -173,7 +174,8 @@ def _load_st(path: Path, *, device: str, structure: Mapping[str, Any] | None = N
         if structure:
             model = SentenceTransformer(str(path), device="cpu",
                                         model_kwargs={"ignore_mismatched_sizes": True})
-            body = model[0].model
+            body: Any = model[0]
+            body = body.model
             apply_structure(body, structure)
             _load_weights(body, path)
             model.to(device)
@@ -211,7 +213,7 @@ def _load_weights(body: torch.nn.Module, path: Path) -> None:
 
 
 # --- structure -------------------------------------------------------------------------------
-def apply_structure(body: torch.nn.Module, structure: Mapping[str, Any]) -> None:
+def apply_structure(body: Any, structure: Mapping[str, Any]) -> None:
     """Shrink attention heads and FFN widths of a BERT-like body to a recorded structure.
 
     ``structure`` maps ``"heads"`` and ``"intermediate"`` to {layer module name: count}; the
@@ -224,7 +226,7 @@ def apply_structure(body: torch.nn.Module, structure: Mapping[str, Any]) -> None
                                bias=linear.bias is not None)
 
     for layer_name, heads in (structure.get("heads") or {}).items():
-        attn = body.get_submodule(layer_name).attention
+        attn: Any = body.get_submodule(layer_name).attention
         width = int(heads) * attn.self.attention_head_size
         for proj in ("query", "key", "value"):
             setattr(attn.self, proj, resized(getattr(attn.self, proj), out=width))
@@ -232,7 +234,7 @@ def apply_structure(body: torch.nn.Module, structure: Mapping[str, Any]) -> None
         attn.self.num_attention_heads = int(heads)
         attn.self.all_head_size = width
     for layer_name, width in (structure.get("intermediate") or {}).items():
-        layer = body.get_submodule(layer_name)
+        layer: Any = body.get_submodule(layer_name)
         layer.intermediate.dense = resized(layer.intermediate.dense, out=int(width))
         layer.output.dense = resized(layer.output.dense, inp=int(width))
 
@@ -335,13 +337,13 @@ def quantize_dynamic_linears(body: torch.nn.Module, *, keep_float: Iterable[str]
 
     keep = tuple(keep_float)
     qconfig = per_channel_dynamic_qconfig if per_channel else default_dynamic_qconfig
-    cls = DynamicLinear if reduce_range else _full_range_linear()
+    cls: Any = DynamicLinear if reduce_range else _full_range_linear()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.ao deprecation notices, once per layer
         for name, linear in _linears(body):
             if matches_any(name, keep):
                 continue
-            linear.qconfig = qconfig
+            linear.qconfig = qconfig  # type: ignore[assignment]
             body = _replace(body, name, cls.from_float(linear))
     return body
 

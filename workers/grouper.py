@@ -26,14 +26,21 @@ from typing import Any
 import numpy as np
 import redis
 
-from producers.errors import CohortError, DeadlineExceeded, InvalidPrompt, ItemFailed, RedeliveryLimit
+from producers.errors import (
+    CohortError,
+    DeadlineExceeded,
+    GrouperLockLost,
+    InvalidPrompt,
+    ItemFailed,
+    RedeliveryLimit,
+)
 from producers.keys import Keys
 from producers.schema import PromptItem
-from workers.clustering import cluster
+from workers.clustering import cluster, cpu_threads
 from workers.coalescing import Marker, coalescing_scope
 from workers.delivery import Finisher
 from workers.encoder import CachedEncoder, text_hash
-from workers.locks import RELEASE_IF_OWNER
+from workers.locks import EXTEND_IF_OWNER, RELEASE_IF_OWNER
 from workers.packing import prefix_key
 from workers.pending import PendingStream
 from workers.sameness import exact_digest, strict_signature
@@ -89,6 +96,7 @@ class Grouper:
         self._writer = self._finisher.writer
         self._coalescing = self._finisher.coalescing
         self._release = client.register_script(RELEASE_IF_OWNER)
+        self._extend = client.register_script(EXTEND_IF_OWNER)
         self._open: dict[str, OpenItem] = {}
         self._generation: int | None = None
 
@@ -106,7 +114,9 @@ class Grouper:
         try:
             self._reconcile()
             claimed, coalesced = self._claim()
+            self._keep_lock(token)
             batches, items = self._flush()
+            self._fail_overdue_followers()
             self._sweep_inflight()
         finally:
             self._release(keys=[self.keys.grouper_lock()], args=[token])
@@ -114,6 +124,11 @@ class Grouper:
         self._telemetry.grouping_tick(duration_s=duration, claimed=claimed, dispatched=items,
                                       open_items=len(self._open))
         return TickReport(True, claimed, coalesced, batches, items, len(self._open), duration, self._next_due())
+
+    def _keep_lock(self, token: str) -> None:
+        """Extend the lock after a long stage; stop the tick if another grouper holds it now."""
+        if not self._extend(keys=[self.keys.grouper_lock()], args=[token, LOCK_TTL_MS]):
+            raise GrouperLockLost("the grouper lock expired during a tick; another grouper took over")
 
     def _next_due(self) -> float | None:
         """When the next flush by wait or deadline falls due, so that it can be run on time."""
@@ -211,9 +226,13 @@ class Grouper:
                 else:
                     remaining.append(item)
             items = remaining
-        vectors = self._encoder.embed([item.prompt for item in items])
-        for item, vector in zip(items, vectors, strict=True):
-            context_key = self._context_key(item)
+        context_keys = [self._context_key(item) for item in items]
+        # Items packed by a shared prompt prefix are grouped by it, not clustered: their (long) text
+        # is not embedded.
+        to_embed = [item.prompt for item, key in zip(items, context_keys, strict=True) if not _is_prefix(key)]
+        embedded = iter(self._encoder.embed(to_embed))
+        for item, context_key in zip(items, context_keys, strict=True):
+            vector = _NO_VECTOR if _is_prefix(context_key) else next(embedded)
             group = item.partition if context_key is None else f"{item.partition}#{context_key}"
             open_item = OpenItem(item, vector, group, context_key)
             if coalesce and item.coalesce and self._coalesce(open_item):
@@ -234,7 +253,7 @@ class Grouper:
         if item.context:
             return "ctx:" + text_hash(item.context)[:16]
         key = prefix_key(item.prompt)
-        return None if key is None else "pre:" + key
+        return None if key is None else PREFIX_KEY + key
 
     def _join_exact(self, item: PromptItem) -> bool:
         """Join an exact duplicate's leader (or its kept answer); True if the item needs no call."""
@@ -255,7 +274,8 @@ class Grouper:
         scope = coalescing_scope(item)
         own_hash = text_hash(item.prompt)
         exact = exact_digest(item.prompt)
-        signature = strict_signature(item.prompt) if self.grouping.coalesce_near_duplicates else None
+        near = self.grouping.coalesce_near_duplicates and not _is_prefix(entry.context_key)
+        signature = strict_signature(item.prompt) if near else None
         if signature is not None:
             current = self._coalescing.peek(partition=scope, kind="near", digest=signature)
             if current is not None and current.get("leader") != item.id:
@@ -284,7 +304,11 @@ class Grouper:
 
     def _settle(self, item: PromptItem, marker: Marker) -> bool:
         if marker.role == "follower":
-            self._redis.hset(self.keys.item_status(item.id), "status", "coalesced")
+            pipe = self._redis.pipeline(transaction=False)
+            pipe.hset(self.keys.item_status(item.id), "status", "coalesced")
+            if item.deadline is not None:
+                pipe.zadd(self.keys.follower_deadlines(), {item.id: item.deadline})
+            pipe.execute()
             return True
         if marker.role == "done" and marker.answer is not None:
             self._finisher.served(item, marker.answer)
@@ -328,8 +352,9 @@ class Grouper:
         if len(members) == 1:
             return [members] if self._due(members, now) else []
         vectors = np.vstack([m.vector for m in members])
-        clusters = [[members[i] for i in c]
-                    for c in cluster(vectors, threshold=self.grouping.similarity_threshold, max_size=size)]
+        with cpu_threads(self.grouping.encoder_threads):
+            found = cluster(vectors, threshold=self.grouping.similarity_threshold, max_size=size)
+        clusters = [[members[i] for i in c] for c in found]
         ready = [c for c in clusters if len(c) == size]
         rest = [c for c in clusters if len(c) < size]
         rest.sort(key=lambda c: c[0].item.submitted_at)
@@ -356,6 +381,16 @@ class Grouper:
             error = DeadlineExceeded("deadline passed while the item waited for a batch",
                                      waited_s=round(now - entry.item.submitted_at, 3))
             self._finish_failed(entry, error)
+
+    def _fail_overdue_followers(self) -> None:
+        """Followers whose deadline passed before their leader was answered end failed (their own call)."""
+        now = self._clock()
+        overdue = [i.decode() for i in self._redis.zrangebyscore(self.keys.follower_deadlines(), "-inf", now)]
+        if not overdue:
+            return
+        self._finisher.fail_ids(overdue, DeadlineExceeded(
+            "deadline passed while the item waited for the answer of an identical request"))
+        self._redis.zrem(self.keys.follower_deadlines(), *overdue)
 
     def _finish_failed(self, entry: OpenItem, error: CohortError) -> None:
         self._open.pop(entry.item.id, None)
@@ -432,3 +467,11 @@ class Grouper:
         pipe.zrem(self.keys.inflight(), batch_id)
         pipe.delete(self.keys.batch(batch_id))
         pipe.execute()
+
+
+PREFIX_KEY = "pre:"
+_NO_VECTOR = np.zeros(0, dtype=np.float32)
+
+
+def _is_prefix(context_key: str | None) -> bool:
+    return context_key is not None and context_key.startswith(PREFIX_KEY)

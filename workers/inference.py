@@ -67,6 +67,8 @@ class BatchReport:
     failed: int
     calls: int
     skipped: int
+    busy_for_s: float | None = None
+    """Set when the batch was locked by another delivery: seconds until the lock frees."""
 
 
 class BatchRunner:
@@ -89,7 +91,9 @@ class BatchRunner:
         token = uuid.uuid4().hex
         lock = self.keys.batch_lock(batch_id)
         if not self._redis.set(lock, token, nx=True, px=self.settings.delivery.task_time_limit_s * 1000):
-            return BatchReport(batch_id, 0, 0, 0, 0, 0)
+            # Another delivery runs it, or a killed one still holds the lock: look again when it frees.
+            remaining_ms = self._redis.pttl(lock)
+            return BatchReport(batch_id, 0, 0, 0, 0, 0, busy_for_s=max(0.1, remaining_ms / 1000))
         try:
             return self._run(batch_id)
         finally:

@@ -20,13 +20,12 @@ from producers.schema import normalize_text
 _WORD = re.compile(r"[^\W_]+(?:'[^\W_]+)?|\d+(?:[.,]\d+)*|[%$€£+\-*/=<>]", re.UNICODE)
 
 # Words whose presence or absence does not change what is asked. Negations, quantifiers,
-# question words and prepositions are deliberately absent: they change meaning.
+# pronouns ("my transfer" is not "your transfer"), question words and prepositions are
+# deliberately absent: they change meaning.
 FILLER_WORDS = frozenset({
-    "a", "an", "the", "please", "pls", "kindly", "hi", "hello", "hey", "thanks", "thank", "you",
-    "just", "i", "i'm", "im", "me", "my", "we", "us", "our", "your", "can",
-    "could", "would", "do", "does", "is", "are",
-    "am", "be", "it", "its", "this", "that", "there", "here",
-    "really", "actually", 
+    "a", "an", "the", "please", "pls", "kindly", "hi", "hello", "hey", "thanks", "thank", "just",
+    "can", "could", "would", "do", "does", "is", "are", "am", "be", "it", "its", "this", "that",
+    "there", "here", "really", "actually",
 })
 
 
@@ -35,10 +34,18 @@ def exact_digest(text: str) -> str:
     return hashlib.sha1(normalize_text(text).encode()).hexdigest()
 
 
+_CONTRACTIONS = ((re.compile(r"\bcan't\b"), "can not"), (re.compile(r"\bwon't\b"), "will not"),
+                 (re.compile(r"n't\b"), " not"), (re.compile(r"'m\b"), " am"), (re.compile(r"'re\b"), " are"),
+                 (re.compile(r"'ve\b"), " have"), (re.compile(r"'ll\b"), " will"), (re.compile(r"'d\b"), " would"),
+                 (re.compile(r"'s\b"), " is"))
+
+
 def content_words(text: str) -> list[str]:
-    """The ordered content words of a text (fillers dropped, everything else kept)."""
-    words = _WORD.findall(normalize_text(text))
-    return [w.replace("'", "") for w in words if w not in FILLER_WORDS]
+    """The ordered content words of a text (contractions expanded, fillers dropped, the rest kept)."""
+    text = normalize_text(text).replace("\u2019", "'")
+    for pattern, expansion in _CONTRACTIONS:
+        text = pattern.sub(expansion, text)
+    return [w.replace("'", "") for w in _WORD.findall(text) if w not in FILLER_WORDS]
 
 
 def strict_signature(text: str) -> str | None:

@@ -34,10 +34,10 @@ class GroupingSettings:
     """A cluster is flushed when its oldest item has waited this long (default 0.5 s)."""
     encoder: str = "all-MiniLM-L6-v2"
     """Encoder name (the packaged all-MiniLM-L6-v2) or the directory of a sentence-transformers model."""
-    claim_count: int = 2000
-    """Most new items claimed from the stream per tick."""
-    max_open_items: int = 100_000
-    """Most items held open for clustering; above it the oldest are flushed first."""
+    claim_count: int = 256
+    """Most new items claimed (and embedded) per tick, so a tick stays short under a backlog."""
+    encoder_threads: int = 0
+    """CPU threads of the encoder and of clustering's matrix products; 0 keeps the libraries' default."""
     coalesce_near_duplicates: bool = True
     """Answer near-identical prompts once when the strict sameness test agrees (default on)."""
     near_duplicate_threshold: float = 0.9
@@ -99,8 +99,8 @@ def worker_settings(config: Mapping[str, Any], env: Mapping[str, str] | None = N
         max_batch_size=typed(grouping, "max_batch_size", int, 16, where="grouping", minimum=1, maximum=256),
         max_wait_s=typed(grouping, "max_wait_s", float, 0.5, where="grouping", minimum=0.0, maximum=3600),
         encoder=typed(grouping, "encoder", str, "all-MiniLM-L6-v2", where="grouping"),
-        claim_count=typed(grouping, "claim_count", int, 2000, where="grouping", minimum=1),
-        max_open_items=typed(grouping, "max_open_items", int, 100_000, where="grouping", minimum=1),
+        claim_count=typed(grouping, "claim_count", int, 256, where="grouping", minimum=1),
+        encoder_threads=typed(grouping, "encoder_threads", int, 0, where="grouping", minimum=0, maximum=256),
         coalesce_near_duplicates=typed(grouping, "coalesce_near_duplicates", bool, True, where="grouping"),
         pack_contexts=typed(grouping, "pack_contexts", bool, True, where="grouping"),
         near_duplicate_threshold=typed(grouping, "near_duplicate_threshold", float, 0.9, where="grouping",

@@ -17,7 +17,7 @@ from typing import Any
 import redis
 from celery.signals import worker_ready, worker_shutting_down
 
-from producers.errors import ConfigError
+from producers.errors import ConfigError, GrouperLockLost
 from workers.app import GROUPER_QUEUE, INFERENCE_QUEUE, app
 from workers.settings import load_worker_settings
 from workers.telemetry import Telemetry
@@ -44,7 +44,8 @@ def grouper() -> Any:
     from workers.grouper import Grouper
 
     settings = load_worker_settings()
-    encoder = CachedEncoder(Encoder(settings.grouping.encoder), _redis(), settings.producer.redis.keys)
+    encoder = CachedEncoder(Encoder(settings.grouping.encoder, threads=settings.grouping.encoder_threads), _redis(),
+                            settings.producer.redis.keys)
     return Grouper(settings, _redis(), encoder=encoder, dispatch=dispatch_batch, telemetry=_telemetry())
 
 
@@ -69,7 +70,11 @@ def dispatch_batch(batch_id: str, size: int) -> None:
 @app.task(name="cohort.group", ignore_result=True, acks_late=False, queue=GROUPER_QUEUE)
 def group(reason: str = "beat") -> dict[str, Any]:
     """One grouping tick (beat every ``interval_s``; at once when a producer fills a partition)."""
-    report = grouper().tick()
+    try:
+        report = grouper().tick()
+    except GrouperLockLost as exc:
+        log.warning("grouping tick stopped: %s", exc)
+        return {"ran": False}
     interval = load_worker_settings().grouping.interval_s
     if report.next_due_s is not None and report.next_due_s < interval:
         # The oldest open item falls due before the next beat: run a tick exactly then.
@@ -104,6 +109,8 @@ def run_batch(self: Any, batch_id: str, items: int = 0) -> dict[str, Any]:
     except Exception:
         _report_incomplete(batch_id)
         raise
+    if report.busy_for_s is not None:
+        raise self.retry(countdown=report.busy_for_s, max_retries=max_retries + 1)
     log.info("batch %s: items=%d answered=%d failed=%d calls=%d skipped=%d", batch_id, report.items,
              report.answered, report.failed, report.calls, report.skipped)
     return {"answered": report.answered, "failed": report.failed, "calls": report.calls}

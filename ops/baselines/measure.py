@@ -16,6 +16,7 @@ import json
 import math
 import os
 import platform
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -197,10 +198,26 @@ def markdown_table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str
 
 
 def machine() -> str:
-    """One line about where the figures were measured."""
+    """One line about where and on what code the figures were measured."""
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     return (f"{os.cpu_count()} CPU cores, Python {platform.python_version()}, {platform.system()}; "
-            f"load average {load:.2f} at the end of the run; {datetime.now(UTC):%Y-%m-%d %H:%M} UTC")
+            f"load average {load:.2f} at the end of the run; {datetime.now(UTC):%Y-%m-%d %H:%M} UTC; "
+            f"code {code_version()}")
+
+
+def code_version() -> str:
+    """The commit the measured code came from, noting uncommitted changes to it."""
+    def git(*args: str) -> str:
+        try:
+            return subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True,
+                                  timeout=10).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return ""
+
+    commit = git("rev-parse", "--short", "HEAD") or "unknown"
+    dirty = git("status", "--porcelain", "--untracked-files=no", "--", "producers", "workers", "compression_jobs")
+    suffix = " (+ uncommitted changes to Cohort's packages)" if dirty else ""
+    return commit + suffix
 
 
 def write_report(name: str, text: str) -> Path:

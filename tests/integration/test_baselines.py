@@ -60,7 +60,7 @@ def test_per_prompt_answers_each_prompt_with_one_call(sim: SimulatorHandle, conf
     for prompt, meta in zip(PROMPTS, metas, strict=True):
         result = meta["result"]
         assert result["text"] == answer_for(prompt)
-        assert result["model"] == "sim-large"  # the config's first tier
+        assert result["model"] == default_config()["tiers"][0]["model"]  # the config's first tier
         assert result["tokens_in"] > 0 and result["tokens_out"] > 0 and result["cost"] > 0
         assert result["packed"] is False
     assert sim.stats()["requests"] == len(PROMPTS)
@@ -82,8 +82,9 @@ def test_batched_packs_a_batch_into_one_call(sim: SimulatorHandle, config: Path)
     stats = sim.stats()
     # Five prompts, fewer than flush_every (16): one flush after flush_interval, one packed call.
     assert stats["requests"] == 1
-    assert stats["prompts"] == {"sim-large": len(PROMPTS)}
+    primary = default_config()["tiers"][0]
+    assert stats["prompts"] == {primary["model"]: len(PROMPTS)}
     total_cost = sum(m["result"]["cost"] for m in metas)
-    assert total_cost == pytest.approx(sum(stats["tokens_in"].values()) * 0.01 / 1000
-                                       + sum(stats["tokens_out"].values()) * 0.03 / 1000)
+    assert total_cost == pytest.approx(sum(stats["tokens_in"].values()) * primary["price_in_per_1k"] / 1000
+                                       + sum(stats["tokens_out"].values()) * primary["price_out_per_1k"] / 1000)
     client.flushdb()

@@ -336,10 +336,7 @@ class Local:
 
 def _healthy(local: Local, service: dict[str, Any], env: dict[str, str]) -> bool:
     test = _health_test(service)
-    if test[0] == "CMD-SHELL":
-        argv = ["sh", "-c", local.shell(test[1])]
-    else:
-        argv = local.argv(test[1:])
+    argv = ["sh", "-c", local.shell(test[1])] if test[0] == "CMD-SHELL" else local.argv(test[1:])
     timeout = float(str(service["healthcheck"]["timeout"]).rstrip("s"))
     try:
         return subprocess.run(argv, cwd=REPO, env=env, capture_output=True, timeout=timeout).returncode == 0

@@ -82,6 +82,16 @@ def test_quantize_then_evaluate_the_real_encoder(worker, app, tmp_path: Path) ->
     fp32 = load_encoder("all-MiniLM-L6-v2").encode(SENTENCES, normalize_embeddings=True)
     int8 = load_encoder(str(artifact)).encode(SENTENCES, normalize_embeddings=True)
     assert ((fp32 * int8).sum(1) >= 0.99).all()
+    # The grouper selects it by config: [grouping] encoder = "<artifact>".
+    from ops.configfile import default_config
+    from workers.encoder import Encoder
+    from workers.settings import worker_settings
+
+    config = default_config()
+    config.setdefault("grouping", {})["encoder"] = str(artifact)
+    settings = worker_settings(config, {"COHORT_REDIS_URL": COMPRESSION_REDIS_URL})
+    grouper_vectors = Encoder(settings.grouping.encoder).encode(SENTENCES)
+    assert ((fp32 * grouper_vectors).sum(1) >= 0.99).all()
 
     evaluation = submit(app, "evaluate", str(artifact),
                         EvaluateConfig(limit=64, repeats=1, batch_size=32, stsb=False).to_json(), store)
@@ -146,3 +156,23 @@ def test_cli_submits_a_job_and_follows_it_to_the_end(worker, tmp_path: Path) -> 
     bad = subprocess.run([*command[:6], "--config", str(tmp_path / "missing.json"), *command[8:]],
                          cwd=REPO_ROOT, env=worker_env(), capture_output=True, text=True, timeout=60)
     assert bad.returncode != 0 and "cannot read config file" in bad.stderr
+
+
+def test_a_cancelled_job_stops_and_leaves_no_artifact(worker, app, tmp_path: Path) -> None:
+    from compression_jobs.configs import DistillConfig
+    from ops.cli_compress import cancel
+    from tests.support.compression import tiny_encoder_dir
+
+    teacher = tiny_encoder_dir(tmp_path / "teacher", num_hidden_layers=2)
+    (tmp_path / "s.txt").write_text("\n".join(f"how do I order card number {i}" for i in range(1500)))
+    config = DistillConfig(num_layers=1, sources=(str(tmp_path / "s.txt"),), epochs=50, batch_size=8,
+                           max_sentences=1000, device="cpu")
+    store = tmp_path / "store"
+    result = submit(app, "distill", str(teacher), config.to_json(), store)
+    poll(lambda: result.state == "PROGRESS" and "training" in str((result.info or {}).get("stage")),
+         timeout=120, interval=0.05, what="the training stage")
+    cancel(app, result.id)
+    wait_states(result, timeout=120)
+    assert result.state == "FAILURE"
+    assert "cancelled" in str(result.result)
+    assert not store.exists() or list(store.iterdir()) == []

@@ -326,9 +326,6 @@ def test_prefork_child_killed_mid_batch_is_rejected_and_requeued(cohort: Cohort)
     assert "WorkerLostError" in cohort.log("inference-prefork")
 
 
-@pytest.mark.xfail(strict=True, reason="workers/app.py sets task_soft_time_limit = max(1, task_time_limit_s - 10): "
-                   "with a time limit of 6 s the soft limit is 1 s and a prefork worker interrupts every batch "
-                   "longer than that (SoftTimeLimitExceeded, then redelivery until RedeliveryLimit)")
 def test_the_soft_time_limit_leaves_a_batch_most_of_its_time_limit() -> None:
     for limit in (6, 15, 60, 300):
         conf = celery_config(worker_settings({"delivery": {"task_time_limit_s": limit,
@@ -363,10 +360,8 @@ def test_grouper_killed_between_claim_and_dispatch(cohort: Cohort) -> None:
     scenario.finish(timeout=GROUPER_LOCK_TTL_S + 60, max_duplicates=MAX_BATCH)
 
 
-@pytest.mark.xfail(strict=True, reason="a grouper restarted after a crash reloads open items without their "
-                   "coalescing leads (Grouper._reconcile -> _admit(coalesce=False)); the followers of such a "
-                   "leader are never answered. Lead: carry leads through the open pool (see report).")
 def test_grouper_killed_while_a_leader_with_followers_is_open(cohort: Cohort) -> None:
+    """The followers of a leader still open when its grouper dies are answered with it (leads live in Redis)."""
     rng = rng_for("leader")
     # A grouper that keeps partial batches open for a long time, so that a leader is still open when
     # its followers arrive and when the grouper is killed.

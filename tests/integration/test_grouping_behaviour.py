@@ -8,7 +8,7 @@ flushed when a stack starts). Upstream calls and tokens are read from the simula
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import pytest
@@ -54,7 +54,7 @@ class Counts:
         return {name: a - b for name, a, b in zip(("requests", "prompts", "tokens_in"), now, self._start, strict=True)}
 
 
-def _answers(cohort: Cohort, entries: list[str | dict[str, Any]], timeout: float = 30.0, **common: Any
+def _answers(cohort: Cohort, entries: Sequence[str | dict[str, Any]], timeout: float = 30.0, **common: Any
              ) -> list[PromptResult]:
     handles = cohort.client.submit_many(entries, **common)
     outcomes = cohort.client.wait([h.id for h in handles], timeout=timeout)
@@ -169,7 +169,6 @@ class TestGroupingBehaviour:
         assert sum(not r.packed for r in results) == 1  # the one the reply dropped
         assert counts.delta()["requests"] == 2
 
-    @pytest.mark.xfail(strict=True, reason="coalescing scope and partition ignore the system message")
     def test_the_same_prompt_under_different_system_messages_is_not_coalesced(self, cohort: Cohort) -> None:
         counts = Counts(cohort)
         french, german = _answers(cohort, [{"prompt": "Translate 'good morning'.", "system": "Reply in French."},
@@ -178,14 +177,12 @@ class TestGroupingBehaviour:
         assert not french.coalesced and not german.coalesced
         assert counts.delta()["prompts"] == 2
 
-    @pytest.mark.xfail(strict=True, reason="a packed call carries the first item's system message only")
     def test_prompts_with_different_system_messages_never_share_a_call(self, cohort: Cohort) -> None:
         first, second = _answers(cohort, [{"prompt": "Say hello to the customer.", "system": "Reply in French."},
                                           {"prompt": "Say goodbye to the customer.", "system": "Reply in German."}],
                                  tenant="globex")
         assert first.batch_id != second.batch_id
 
-    @pytest.mark.xfail(strict=True, reason="a near-duplicate follower keeps leading its exact marker, never completed")
     def test_an_exact_duplicate_of_a_near_duplicate_follower_is_answered(self, cohort: Cohort) -> None:
         first = "Hi, I would like to know how to order a spare card."
         rewording = "Hello, I would like to know how to order a spare card, please."
@@ -194,13 +191,13 @@ class TestGroupingBehaviour:
             leader = cohort.client.submit(first, tenant="globex")
             time.sleep(0.9)  # the leader is in flight: the rewording follows it
             follower = cohort.client.submit(rewording, tenant="globex")
-            assert cohort.client.wait([leader.id, follower.id], timeout=20)[1].coalesced
+            joined = cohort.client.wait([leader.id, follower.id], timeout=20)[1]
+            assert isinstance(joined, PromptResult) and joined.coalesced
         finally:
             cohort.sim.set_faults("*", latency_ms=0.0)
         again = cohort.client.submit(rewording, tenant="globex")
         assert isinstance(cohort.client.wait([again.id], timeout=6, raise_on_timeout=False)[0], PromptResult)
 
-    @pytest.mark.xfail(strict=True, reason="a coalesced follower waits for its leader past its own deadline")
     def test_a_follower_deadline_is_honoured_while_its_leader_is_slow(self, cohort: Cohort) -> None:
         cohort.sim.set_faults("*", latency_ms=4000.0)
         try:

@@ -28,15 +28,16 @@ def cohort() -> Iterator[Cohort]:
 
 
 def _submit_from_process(cohort: Cohort, path: Path, tenant: str) -> subprocess.Popen[str]:
-    return subprocess.Popen([sys.executable, "-m", "ops.cli", "submit", str(path), "--tenant", tenant, "--no-wait"],
+    return subprocess.Popen([sys.executable, "-m", "ops.cli", "submit", str(path), "--jsonl", "--tenant", tenant,
+                             "--no-wait"],
                             cwd=REPO_ROOT, env=cohort.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def test_500_prompts_from_two_producer_processes_each_get_their_own_answer(cohort: Cohort, tmp_path: Path) -> None:
-    prompts = [p.text for p in banking77(limit=500)]
+    prompts = [p.text for p in banking77(limit=500, seed=None)]  # file order: natural paraphrases side by side
     files = {"acme": tmp_path / "acme.txt", "globex": tmp_path / "globex.txt"}
-    files["acme"].write_text("\n".join(prompts[:250]) + "\n")
-    files["globex"].write_text("\n".join(prompts[250:]) + "\n")
+    files["acme"].write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts[:250]))
+    files["globex"].write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts[250:]))
     calls_before = cohort.upstream_calls()
 
     producers = {tenant: _submit_from_process(cohort, path, tenant) for tenant, path in files.items()}
@@ -45,7 +46,7 @@ def test_500_prompts_from_two_producer_processes_each_get_their_own_answer(cohor
         out, err = process.communicate(timeout=120)
         assert process.returncode == 0, err
         lines = [json.loads(line) for line in out.splitlines()]
-        texts = files[tenant].read_text().splitlines()
+        texts = [json.loads(line)["prompt"] for line in files[tenant].read_text().splitlines()]
         assert len(lines) == len(texts) == 250
         for line, text in zip(lines, texts, strict=True):
             submitted[line["id"]] = (tenant, text)

@@ -25,7 +25,9 @@ def test_exact_duplicates_after_normalization() -> None:
 
 def test_strict_test_merges_rewordings_that_keep_every_content_word_in_order() -> None:
     assert strictly_same("How do I reset my PIN?", "how can I reset my pin please")
-    assert strictly_same("Can you tell me my card balance", "tell me the card balance")
+    assert strictly_same("Can you tell me my card balance", "could you please tell me my card balance")
+    assert strictly_same("I'm still waiting for my card.", "I am still waiting for my card")
+    assert not strictly_same("My card isn't working", "My card is working")
 
 
 def test_strict_test_refuses_reordered_or_changed_words() -> None:
@@ -34,6 +36,8 @@ def test_strict_test_refuses_reordered_or_changed_words() -> None:
     assert not strictly_same("My card was not charged", "My card was charged")
     assert not strictly_same("Transfer 100 dollars", "Transfer 1000 dollars")
     assert not strictly_same("Why was my card declined?", "Why was my transfer declined?")
+    assert not strictly_same("Did you receive my transfer?", "Did I receive your transfer?")
+    assert not strictly_same("How long does a transfer take?", "How long does a US transfer take?")
 
 
 def test_too_short_texts_have_no_signature() -> None:
