@@ -131,7 +131,8 @@ def check_keys(table: Mapping[str, Any], allowed: set[str], *, where: str) -> No
     """Reject unknown keys so that a typo never passes silently."""
     unknown = sorted(set(table) - allowed - {"_path"})
     if unknown:
-        raise ConfigError(f"unknown key(s) in [{where}]: {', '.join(unknown)}", key=f"{where}.{unknown[0]}")
+        names = ", ".join(f"{where}.{key}" for key in unknown)
+        raise ConfigError(f"unknown key(s) in [{where}]: {names}", key=f"{where}.{unknown[0]}")
 
 
 def redis_settings(config: Mapping[str, Any], env: Mapping[str, str] | None = None) -> RedisSettings:

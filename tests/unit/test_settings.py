@@ -35,7 +35,7 @@ def test_environment_overrides_redis(tmp_path: Path) -> None:
 @pytest.mark.parametrize(("text", "needle"), [
     ("[grouping]\nmax_batch_size = 0\n", "grouping.max_batch_size must be at least 1"),
     ("[grouping]\nmax_wait_s = 'soon'\n", "grouping.max_wait_s must be float"),
-    ("[grouping]\nmax_batchsize = 4\n", "unknown key(s) in [grouping]: max_batchsize"),
+    ("[grouping]\nmax_batchsize = 4\n", "unknown key(s) in [grouping]: grouping.max_batchsize"),
     ("[redis]\nurl = 'http://x'\n", "redis.url must start with"),
     ("[limits]\nmax_prompt_chars = true\n", "limits.max_prompt_chars must be int, got a boolean"),
     ("grouping = 3\n", "[grouping] must be a table"),
