@@ -201,7 +201,7 @@ class Scenario:
             pipe.hget(self.cohort.keys.item_status(item_id), "status")
         return [s.decode() if s else "" for s in pipe.execute()]
 
-    def finish(self, *, timeout: float, max_duplicates: int) -> dict[str, Any]:
+    def finish(self, *, timeout: float, max_duplicates: int, telemetry_exact: bool = True) -> dict[str, Any]:
         """Wait for every item, force late duplicates, check results and report the figures."""
         self.watch = FinalWatch(self.client, self.cohort, self.prompts)
         self.watch.wait_all(timeout)
@@ -230,7 +230,10 @@ class Scenario:
         after = counters(self.cohort)
         recorded = sum(after.get(f"items:{o}", 0) - self.counters_before.get(f"items:{o}", 0)
                        for o in ("answered", "failed"))
-        assert recorded == len(self.prompts), f"{recorded} final outcomes recorded for {len(self.prompts)} items"
+        if telemetry_exact:
+            assert recorded == len(self.prompts), f"{recorded} final outcomes recorded for {len(self.prompts)} items"
+        else:  # telemetry never fails a result: a count made while Redis itself was down is lost
+            assert recorded <= len(self.prompts), f"{recorded} final outcomes recorded for {len(self.prompts)} items"
         upstream = upstream_prompts(self.cohort) - self.prompts_before
         duplicates = upstream - own_calls
         report = {"scenario": self.name, "seed": SEED, "submitted": len(self.prompts), "answered": answered,
@@ -415,7 +418,8 @@ def test_redis_killed_and_restarted_with_aof(tmp_path: Path) -> None:
         server.start()
         print(f"\n[delivery kills] Redis killed with {len(running)} item(s) running, down {down_s:.1f} s")
         try:
-            scenario.finish(timeout=GROUPER_LOCK_TTL_S + 60, max_duplicates=2 * CONCURRENCY * MAX_BATCH)
+            scenario.finish(timeout=GROUPER_LOCK_TTL_S + 60, max_duplicates=2 * CONCURRENCY * MAX_BATCH,
+                            telemetry_exact=False)
             for name, process in cohort.processes.items():
                 assert process.poll() is None, f"{name} exited after the Redis restart:\n{cohort.log(name)}"
         finally:
