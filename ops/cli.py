@@ -8,7 +8,7 @@ import sys
 
 from producers.errors import CohortError
 
-SUBCOMMAND_MODULES = ("ops.cli_submit", "ops.cli_monitor")  # TODO-restore "ops.cli_compress"
+SUBCOMMAND_MODULES = ("ops.cli_submit", "ops.cli_monitor", "ops.cli_compress")
 
 
 def build_parser() -> argparse.ArgumentParser:
