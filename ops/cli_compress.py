@@ -144,7 +144,8 @@ def cancel(app: Any, task_id: str, *, settle_s: float = 10.0) -> str:
     from celery.contrib.abortable import ABORTED, AbortableAsyncResult
 
     result = AbortableAsyncResult(task_id, app=app)
-    app.control.revoke(task_id)
+    if result.state in ("PENDING", "RECEIVED"):
+        app.control.revoke(task_id)  # still queued: the worker drops it when it comes
     result.abort()
     deadline = time.monotonic() + settle_s
     state = result.state

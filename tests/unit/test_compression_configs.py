@@ -158,3 +158,20 @@ def test_arbitrary_json_either_builds_or_raises_compression_error(values) -> Non
         assert exc.message
     else:
         assert 0 < cfg.amount < 1
+
+
+def test_cli_validates_the_config_file_before_submitting(tmp_path) -> None:
+    from ops.cli_compress import load_config, render
+
+    assert load_config("quantize", None) == QuantizeConfig().to_json()
+    good = tmp_path / "int8.json"
+    good.write_text(json.dumps({"method": "quantize", "version": 1, "keep_float": ["encoder.layer.0.*"]}))
+    assert load_config("quantize", str(good))["keep_float"] == ["encoder.layer.0.*"]
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"method": "quantize", "version": 1, "kind": "int2"}))
+    with pytest.raises(CompressionError, match="QuantizeConfig.kind"):
+        load_config("quantize", str(bad))
+    with pytest.raises(CompressionError, match="for method 'quantize', not 'prune'"):
+        load_config("prune", str(good))
+    line = render({"step": 15, "total": 60, "stage": "training epoch 1/3"})
+    assert line.startswith("[" + "#" * 7 + ".") and "25.0%" in line and "(15/60)" in line
