@@ -24,6 +24,7 @@ from workers.encoder_loading import (
     apply_structure,
     load_encoder,
     packaged_encoder_path,
+    quiet_transformers,
     read_manifest,
     verify_files,
 )
@@ -108,7 +109,7 @@ def _load_hf(path: Path, structure: dict[str, Any] | None = None) -> torch.nn.Mo
         cls: Any = getattr(transformers, arch, None) if arch else None
         cls = cls if isinstance(cls, type) else transformers.AutoModel
         kwargs = {"ignore_mismatched_sizes": True} if structure else {}
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), quiet_transformers():
             warnings.simplefilter("ignore")
             model = cls.from_pretrained(str(path), **kwargs)
         if structure:

@@ -19,13 +19,14 @@ torch threads is the caller's choice.
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import functools
 import hashlib
 import json
 import os
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -172,8 +173,10 @@ def _load_st(path: Path, *, device: str, structure: Mapping[str, Any] | None = N
 
     try:
         if structure:
-            model = SentenceTransformer(str(path), device="cpu",
-                                        model_kwargs={"ignore_mismatched_sizes": True})
+            # The checkpoint's shrunk shapes are expected: silence transformers' mismatch report.
+            with quiet_transformers():
+                model = SentenceTransformer(str(path), device="cpu",
+                                            model_kwargs={"ignore_mismatched_sizes": True})
             body: Any = model[0]
             body = body.model
             apply_structure(body, structure)
@@ -188,6 +191,19 @@ def _load_st(path: Path, *, device: str, structure: Mapping[str, Any] | None = N
                                path=str(path)) from None
     model.eval()
     return model
+
+
+@contextlib.contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """Only errors from transformers' logger while the block runs."""
+    from transformers.utils import logging as hf_logging
+
+    previous = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(previous)
 
 
 def _load_weights(body: torch.nn.Module, path: Path) -> None:
