@@ -271,7 +271,9 @@ def _check_clear(outcome: PromptResult | CohortError, prompt: str, *, fault_word
         assert outcome.text == answer_for(prompt), "a wrong answer was delivered"
         return "answered"
     text = json.dumps(outcome.to_dict()).lower()
-    assert any(w.lower() in text for w in fault_words), f"the error does not name the fault: {outcome.to_dict()}"
+    # After repeated faults every tier's circuit may be open: the error then names that instead.
+    words = [*fault_words, "circuit_open"]
+    assert any(w.lower() in text for w in words), f"the error does not name the fault: {outcome.to_dict()}"
     return "failed"
 
 

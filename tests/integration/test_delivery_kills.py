@@ -326,7 +326,8 @@ def test_prefork_child_killed_mid_batch_is_rejected_and_requeued(cohort: Cohort)
     print(f"\n[delivery kills] killed prefork child {victim} of {parent}")
     scenario.finish(timeout=90, max_duplicates=MAX_BATCH)
     print(f"\n[delivery kills] prefork: every item final {time.monotonic() - started:.1f} s after the kill")
-    assert "WorkerLostError" in cohort.log("inference-prefork")
+    log = cohort.log("inference-prefork")  # the parent saw its child die (WorkerLostError may be logged later)
+    assert "WorkerLostError" in log or "exited with 'signal 9 (SIGKILL)'" in log
 
 
 def test_the_soft_time_limit_leaves_a_batch_most_of_its_time_limit() -> None:
