@@ -7,11 +7,12 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+from ops.launcher import wait_until  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 COMPRESSION_REDIS_URL = "redis://127.0.0.1:6379/12"
@@ -20,14 +21,7 @@ COMPRESSION_REDIS_URL = "redis://127.0.0.1:6379/12"
 
 def poll(condition: Callable[[], Any], *, timeout: float, interval: float = 0.05, what: str = "condition") -> Any:
     """Return the first truthy ``condition()``; raise ``TimeoutError`` after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            raise TimeoutError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(interval)
+    return wait_until(condition, timeout=timeout, interval=interval, message=what)
 
 
 def tiny_bert_config(**overrides: Any) -> Any:
