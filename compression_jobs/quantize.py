@@ -23,15 +23,13 @@ from compression_jobs.models import LoadedModel, parameter_count
 from compression_jobs.registry import JobContext, Outcome, register
 from producers.errors import CompressionError
 from workers.encoder_loading import (
+    BERT_KEEP_FLOAT,
     RANGES_NAME,
     apply_recipe,
     matches_any,
     quantize_static_linears,
     resolve_reduce_range,
 )
-
-BERT_KEEP_FLOAT = ("encoder.layer.0.output.dense",)
-"""Default Linear layers left in float in a BERT-like encoder (see the module docstring)."""
 
 
 def linear_names(body: torch.nn.Module) -> list[str]:

@@ -173,7 +173,7 @@ def run(args: argparse.Namespace) -> str:
         settings = worker_settings(config, {})
         tiers = parse_routing(config).tiers
         baseline_tier = tiers[0]
-        embedding_pattern = cohort.keys.embedding("*", Encoder(settings.grouping.encoder).cache_tag)
+        embedding_pattern = cohort.keys.embedding("*", Encoder.for_grouping(settings.grouping).cache_tag)
 
         def clear_embeddings(_prompts: list[str]) -> None:
             for key in cohort.redis.scan_iter(match=embedding_pattern, count=1000):

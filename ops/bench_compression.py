@@ -5,10 +5,11 @@
 Rows: fp32, int8 (the default ``QuantizeConfig`` recipe), the distilled student (3 of the 6
 layers, spread out, with half the FFN width, trained to match fp32 embeddings on 16,000
 unlabeled sentences), the student plus int8. Columns: sentences per second (median of rounds
-interleaved in this process) and ratio to fp32 (median of per-round ratios), mean cosine to the fp32 embeddings, STS-B dev Spearman and its share of the
-teacher's, artifact size on disk, in-memory weight size, parameters. Then how the grouper's
-batches (greedy clustering at 0.85, at most 16, windows of 200 queries of a Banking77 stream)
-agree with fp32's, and a Banking77 intent classifier distilled into a smaller one.
+interleaved in this process) and ratio to fp32 (median of per-round ratios), mean cosine to the fp32
+embeddings, STS-B dev Spearman and its share of the teacher's, artifact size on disk, in-memory
+weight size, parameters. Then how the grouper's batches (greedy clustering at 0.85, at most 16,
+windows of 200 queries of a Banking77 stream) agree with fp32's, and a Banking77 intent
+classifier distilled into a smaller one.
 
 The artifacts are made by the compression jobs themselves (``run_job``) into a store under
 ``var/compression-bench`` and reused while their config is unchanged: the first run trains the

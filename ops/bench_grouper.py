@@ -48,9 +48,10 @@ from ops.configfile import default_config, merged
 from ops.launcher import REDIS_HOST, run_cohort
 from ops.workloads import Prompt, banking77
 from producers import CohortClient, PromptResult
-from workers.encoder import CachedEncoder, Encoder
+from workers.encoder import CachedEncoder, Encoder, resolve_quantize
 from workers.grouper import Grouper
 from workers.settings import worker_settings
+from workers.telemetry import counter_field
 
 DB = 5
 DEFAULT_OUT = Path(__file__).resolve().parent.parent / "docs" / "benchmarks" / "grouper.md"
@@ -68,8 +69,8 @@ def shuffled_banking77(seed: int = 0) -> list[Prompt]:
 class TimedEncoder(Encoder):
     """The encoder, adding up the seconds spent encoding."""
 
-    def __init__(self, spec: str) -> None:
-        super().__init__(spec)
+    def __init__(self, spec: str, *, int8: bool) -> None:
+        super().__init__(spec, int8=int8)
         self.seconds = 0.0
 
     def encode(self, texts: Any) -> np.ndarray:
@@ -78,6 +79,10 @@ class TimedEncoder(Encoder):
             return super().encode(texts)
         finally:
             self.seconds += time.perf_counter() - started
+
+
+def _encoder_name(encoder: Encoder) -> str:
+    return f"{encoder.spec}, {'int8' if encoder.int8 else 'float32'}"
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -90,7 +95,7 @@ def grouper_run(encoder: TimedEncoder, client: redis.Redis, prompts: list[Prompt
     """Enqueue ``prompts`` on an empty db, tick until all are dispatched or coalesced; return figures."""
     client.flushdb()
     config = merged(default_config(), {"redis": {"url": f"{REDIS_HOST}/{DB}", "key_prefix": "gbench"},
-                                       "grouping": {"max_wait_s": 0.0}})
+                                       "grouping": {"max_wait_s": 0.0, "embed_late": True}})
     settings = worker_settings(config, env={})
     keys = settings.producer.redis.keys
     batches: list[tuple[str, int]] = []
@@ -135,7 +140,8 @@ def throughput(items: int, repeats: int) -> tuple[list[str], float]:
     prompts = shuffled_banking77()[:items]
     texts = [p.text for p in prompts]
     client = redis.Redis.from_url(f"{REDIS_HOST}/{DB}")
-    encoder = TimedEncoder("all-MiniLM-L6-v2")
+    grouping = worker_settings(default_config(), env={}).grouping
+    encoder = TimedEncoder(grouping.encoder, int8=resolve_quantize(grouping.encoder_quantize))
     encoder.encode(texts[:64])  # load and warm the model
     raw_rates: list[float] = []
     grouper_rates: list[float] = []
@@ -167,9 +173,10 @@ def throughput(items: int, repeats: int) -> tuple[list[str], float]:
         "",
         f"{items:,} Banking77 queries, {repeats} repeats, each running both back to back in alternating order; "
         "one model loaded once, "
-        "batch 64 for both. Grouper: real Redis (db 5), `CachedEncoder` with an empty cache, "
-        "`max_wait_s = 0`, dispatch recording batches; timed from the first tick until every item is "
-        "dispatched or coalesced.",
+        f"batch 64 for both; the default encoder ({_encoder_name(encoder)}). Grouper: real Redis (db 5), "
+        "`CachedEncoder` with an empty cache, `max_wait_s = 0` with `embed_late = true` (every item is "
+        "embedded before it is flushed: the grouper does all of its work), dispatch recording batches; timed "
+        "from the first tick until every item is dispatched or coalesced.",
         "",
         "| measure | raw encoder | grouper tick |",
         "|---|---:|---:|",
@@ -196,7 +203,7 @@ def encoder_threads(items: int, repeats: int, thread_counts: list[int]) -> list[
     import torch
 
     texts = [p.text for p in shuffled_banking77(seed=2)[:items]]
-    encoder = Encoder("all-MiniLM-L6-v2")
+    encoder = Encoder.for_grouping(worker_settings(default_config(), env={}).grouping)
     encoder.encode(texts[:16])
     default_threads = torch.get_num_threads()
     rates: dict[int, list[float]] = {t: [] for t in thread_counts}
@@ -215,7 +222,8 @@ def encoder_threads(items: int, repeats: int, thread_counts: list[int]) -> list[
     finally:
         torch.set_num_threads(default_threads)
     lines = ["## Encoder threads", "",
-             f"The raw encoder on {items:,} Banking77 queries (batch 64) and on single queries (a quiet tick embeds a "
+             f"The raw encoder ({_encoder_name(encoder)}) on {items:,} Banking77 queries (batch 64) and on single "
+             "queries (a quiet tick embeds a "
              f"handful), at each torch thread count, alternating, {repeats} repeats; torch's default here is "
              f"{default_threads}. On two cores shared with workers, Redis and other processes, intra-op threads wait "
              "for each other whenever the other core is busy.", "",
@@ -291,6 +299,7 @@ class StageWatcher:
 def _latency_run(cohort: Any, prompts: list[Prompt], rate: float) -> dict[str, Any]:
     client: CohortClient = cohort.client
     calls_before = int(cohort.sim.stats()["requests"])
+    unembedded_before = _unembedded(cohort)
     handles = []
     lag: list[float] = []
     with StageWatcher(client) as watcher:
@@ -313,10 +322,17 @@ def _latency_run(cohort: Any, prompts: list[Prompt], rate: float) -> dict[str, A
     return {
         "rate": rate, "n": len(prompts), "submit_s": submit_s, "drained_s": drained_s, "lag_p99": _percentile(lag, 99),
         "calls": int(cohort.sim.stats()["requests"]) - calls_before,
+        "unembedded": _unembedded(cohort) - unembedded_before,
         "batches": len({r.batch_id for r in own if r.batch_id}),
         "failures": dict(Counter(type(o).__name__ for o in outcomes if not isinstance(o, PromptResult))),
         "all": results, "own": own, "stages": watcher.breakdown(),
     }
+
+
+def _unembedded(cohort: Any) -> int:
+    """Items the grouper flushed before its encoder reached them (its telemetry counter)."""
+    raw = cohort.redis.hget(cohort.keys.metric_counters(), counter_field("unembedded_items"))
+    return int(float(raw)) if raw else 0
 
 
 SINGLE_THREAD_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
@@ -372,7 +388,8 @@ def latency(rates: list[float], duration: float, latency_ms: float, *, single_th
         notes.append(f"- {run['label']}: {run['n']:,} prompts submitted in {run['submit_s']:.1f} s "
                      "(schedule lag p99 "
                      f"{run['lag_p99'] * 1000:.0f} ms), all answered {run['drained_s']:.1f} s after the first; "
-                     f"{run['calls']:,} upstream calls, {run['batches']:,} batches"
+                     f"{run['calls']:,} upstream calls, {run['batches']:,} batches, "
+                     f"{run['unembedded']:,} items flushed before the encoder reached them"
                      + (f"; failed {run['failures']}" if run["failures"] else "") + ".")
     lines += ["", *notes, "",
               f"Where the queue wait goes, for every {WATCH_EVERY}th item (its status polled every 20 ms; "

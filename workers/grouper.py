@@ -3,9 +3,13 @@
 One tick, run by Celery beat every ``interval_s`` (and at once when a producer fills a
 partition), under a Redis lock so that one grouper runs at a time however many nodes exist:
 
-1. claim new item ids from the pending stream and move them into the open pool;
-2. embed them (cached by text hash) and coalesce exact and strict near-duplicates onto leaders;
-3. cluster each partition's open items by cosine similarity (``workers.clustering``);
+1. claim new item ids from the pending stream, move them into the open pool and coalesce exact
+   duplicates onto leaders (no embedding needed);
+2. embed the open items (cached by text hash), oldest first, as far as the time left before the
+   oldest item falls due allows (plus ``ENCODER_GRACE_S``), and coalesce strict near-duplicates;
+   the encoder never holds a flush back longer: an item still without an embedding when it falls
+   due is flushed without one (``embed_late`` reverses that choice);
+3. cluster each partition's embedded open items by cosine similarity (``workers.clustering``);
 4. flush a batch when a cluster is full, when a partition holds a full batch, when the oldest
    item has waited ``max_wait_s``, or when an item's deadline is near; items sharing a context
    (explicit, or a long common prompt prefix) are flushed together as one packed batch;
@@ -49,6 +53,11 @@ from workers.telemetry import Telemetry
 
 LOCK_TTL_MS = 30_000
 DEADLINE_MARGIN_S = 0.25
+EMBED_CHUNK = 64
+"""Most texts per encoder call within a tick (the encoder's own batch size)."""
+ENCODER_GRACE_S = 0.1
+"""How long embedding may hold back the flush of an item that fell due (the rest of the tick is
+quick): every tick can embed about this much, however close the oldest item is to its due time."""
 
 
 Dispatch = Callable[[str, int], None]
@@ -58,10 +67,14 @@ Dispatch = Callable[[str, int], None]
 @dataclass
 class OpenItem:
     item: PromptItem
-    vector: np.ndarray
     group: str
     """Partition, plus the context key when the item shares a context with others."""
     context_key: str | None
+    needs_vector: bool
+    """False for items packed by a shared prompt prefix: their (long) text is never embedded."""
+    near_pending: bool
+    """Still to be tested against near duplicates once embedded."""
+    vector: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -114,6 +127,7 @@ class Grouper:
         try:
             self._reconcile()
             claimed, coalesced = self._claim()
+            coalesced += self._embed_open()
             self._keep_lock(token)
             batches, items = self._flush()
             self._fail_overdue_followers()
@@ -134,11 +148,13 @@ class Grouper:
         """When the next flush by wait or deadline falls due, so that it can be run on time."""
         if not self._open:
             return None
+        return max(0.0, self._earliest_due() - self._clock())
+
+    def _earliest_due(self) -> float:
         wait = self.grouping.max_wait_s
-        due = min(min(e.item.submitted_at + wait,
-                      e.item.deadline - wait - DEADLINE_MARGIN_S if e.item.deadline is not None else float("inf"))
-                  for e in self._open.values())
-        return max(0.0, due - self._clock())
+        return min(min(e.item.submitted_at + wait,
+                       e.item.deadline - wait - DEADLINE_MARGIN_S if e.item.deadline is not None else float("inf"))
+                   for e in self._open.values())
 
     # --- open pool bookkeeping ---------------------------------------------------------
     def _reconcile(self) -> None:
@@ -210,42 +226,40 @@ class Grouper:
         return len(entries), coalesced
 
     def _admit(self, items: list[PromptItem], *, coalesce: bool) -> int:
-        """Add items to the open pool, coalescing duplicates onto leaders.
+        """Add items to the open pool; with ``coalesce``, join exact duplicates onto their leaders.
 
-        Exact duplicates are joined before anything is embedded, so a repeated prompt costs the
-        encoder nothing; the rest are embedded (cached by text hash) and tested as near-duplicates.
+        Exact duplicates need no embedding: an item joins the leader of its exact digest (or is
+        served its kept answer) or becomes that leader itself. Near duplicates are tested once an
+        item is embedded (``_embed_open``).
         """
         if not items:
             return 0
         taken: list[str] = []
-        if coalesce:
-            remaining = []
-            for item in items:
-                if item.coalesce and self._join_exact(item):
-                    taken.append(item.id)
-                else:
-                    remaining.append(item)
-            items = remaining
-        context_keys = [self._context_key(item) for item in items]
-        # Items packed by a shared prompt prefix are grouped by it, not clustered: their (long) text
-        # is not embedded.
-        to_embed = [item.prompt for item, key in zip(items, context_keys, strict=True) if not _is_prefix(key)]
-        embedded = iter(self._encoder.embed(to_embed))
-        for item, context_key in zip(items, context_keys, strict=True):
-            vector = _NO_VECTOR if _is_prefix(context_key) else next(embedded)
-            group = item.partition if context_key is None else f"{item.partition}#{context_key}"
-            open_item = OpenItem(item, vector, group, context_key)
-            if coalesce and item.coalesce and self._coalesce(open_item):
+        near = self.grouping.coalesce_near_duplicates
+        for item in items:
+            wants_coalescing = coalesce and item.coalesce
+            if wants_coalescing and self._lead_or_join_exact(item):
                 taken.append(item.id)
                 continue
-            self._open[item.id] = open_item
-        if taken:
-            pipe = self._redis.pipeline(transaction=True)
-            pipe.zrem(self.keys.open_pool(), *taken)
-            self._bump_generation(pipe)
-            pipe.execute()
-            self._generation = (self._generation or 0) + 1
+            context_key = self._context_key(item)
+            prefix = _is_prefix(context_key)
+            group = item.partition if context_key is None else f"{item.partition}#{context_key}"
+            self._open[item.id] = OpenItem(item, group, context_key, needs_vector=not prefix,
+                                           near_pending=wants_coalescing and near and not prefix)
+        self._close(taken)
         return len(taken)
+
+    def _close(self, item_ids: list[str]) -> None:
+        """Take coalesced items out of the open pool (they need no call of their own)."""
+        if not item_ids:
+            return
+        for item_id in item_ids:
+            self._open.pop(item_id, None)
+        pipe = self._redis.pipeline(transaction=True)
+        pipe.zrem(self.keys.open_pool(), *item_ids)
+        self._bump_generation(pipe)
+        pipe.execute()
+        self._generation = (self._generation or 0) + 1
 
     def _context_key(self, item: PromptItem) -> str | None:
         if not self.grouping.pack_contexts:
@@ -255,52 +269,77 @@ class Grouper:
         key = prefix_key(item.prompt)
         return None if key is None else PREFIX_KEY + key
 
-    def _join_exact(self, item: PromptItem) -> bool:
-        """Join an exact duplicate's leader (or its kept answer); True if the item needs no call."""
-        marker = self._coalescing.attach(partition=coalescing_scope(item), kind="exact",
-                                         digest=exact_digest(item.prompt), item_id=item.id,
-                                         text_hash=text_hash(item.prompt), may_lead=False)
+    def _lead_or_join_exact(self, item: PromptItem) -> bool:
+        """Join an exact duplicate's leader (or its kept answer), else lead; True if no call is needed."""
+        digest = exact_digest(item.prompt)
+        marker = self._coalescing.attach(partition=coalescing_scope(item), kind="exact", digest=digest,
+                                         item_id=item.id, text_hash=text_hash(item.prompt))
+        if marker.role == "leader":
+            self._finisher.add_lead(item.id, "exact", digest)
+            return False
         return self._settle(item, marker)
 
-    def _coalesce(self, entry: OpenItem) -> bool:
+    # --- 2: embed within the time left, coalesce near duplicates ---------------------------
+    def _embed_open(self) -> int:
+        """Embed open items, oldest first, while the encoder can finish before the oldest item falls
+        due (all of them with ``embed_late``); then test the newly embedded ones as near duplicates.
+        Returns how many were coalesced."""
+        waiting = sorted((e for e in self._open.values() if e.needs_vector and e.vector is None),
+                         key=lambda e: e.item.submitted_at)
+        if not waiting:
+            return 0
+        for entry, vector in zip(waiting, self._encoder.lookup([e.item.prompt for e in waiting]), strict=True):
+            entry.vector = vector
+        missing = [e for e in waiting if e.vector is None]
+        while missing:
+            count = EMBED_CHUNK if self.grouping.embed_late else min(EMBED_CHUNK, self._affordable())
+            if count <= 0:
+                break
+            chunk, missing = missing[:count], missing[count:]
+            for entry, vector in zip(chunk, self._encoder.compute([e.item.prompt for e in chunk]), strict=True):
+                entry.vector = vector
+        taken = [e.item.id for e in waiting if e.vector is not None and e.near_pending and self._coalesce_near(e)]
+        for entry in waiting:
+            if entry.vector is not None:
+                entry.near_pending = False
+        self._close(taken)
+        return len(taken)
+
+    def _affordable(self) -> int:
+        """How many texts the encoder can embed before the oldest open item is overdue by the grace."""
+        return self._encoder.pace.affordable(self._earliest_due() + ENCODER_GRACE_S - self._clock())
+
+    def _coalesce_near(self, entry: OpenItem) -> bool:
         """Join a strictly-same near duplicate, or else lead this request; True if no call is needed.
 
-        Joining comes before leading (exact duplicates were tried in ``_join_exact``): an item joins
-        a near duplicate only when the signatures are equal and the cosine is above the threshold,
-        and only if nothing can be joined does it take the lead of its own markers, which its
-        eventual answer resolves.
+        An item joins a near duplicate only when the strict signatures are equal and the cosine of
+        the embeddings reaches the threshold; if another request holds the signature and fails that
+        test, the item neither joins nor leads it.
         """
         item = entry.item
         scope = coalescing_scope(item)
-        own_hash = text_hash(item.prompt)
-        exact = exact_digest(item.prompt)
-        near = self.grouping.coalesce_near_duplicates and not _is_prefix(entry.context_key)
-        signature = strict_signature(item.prompt) if near else None
-        if signature is not None:
-            current = self._coalescing.peek(partition=scope, kind="near", digest=signature)
-            if current is not None and current.get("leader") != item.id:
-                if self._near(entry, current):
-                    joined = self._coalescing.attach(partition=scope, kind="near", digest=signature,
-                                                     item_id=item.id, text_hash=own_hash, may_lead=False)
-                    if self._settle(item, joined):
-                        return True
-                signature = None  # another request holds this signature: never lead it, never join it blindly
-        for kind, digest in (("exact", exact), ("near", signature)):
-            if digest is None:
-                continue
-            marker = self._coalescing.attach(partition=scope, kind=kind, digest=digest, item_id=item.id,
-                                             text_hash=own_hash)
-            if marker.role == "leader":
-                self._finisher.add_lead(item.id, kind, digest)
-            elif self._settle(item, marker):  # a marker appeared meanwhile: its answer resolves our leads too
-                return True
-        return False
+        signature = strict_signature(item.prompt)
+        if signature is None:  # too few words to judge sameness
+            return False
+        current = self._coalescing.peek(partition=scope, kind="near", digest=signature)
+        if current is not None and current.get("leader") != item.id:
+            if not self._near(entry, current):
+                return False
+            joined = self._coalescing.attach(partition=scope, kind="near", digest=signature, item_id=item.id,
+                                             text_hash=text_hash(item.prompt), may_lead=False)
+            return self._settle(item, joined)
+        marker = self._coalescing.attach(partition=scope, kind="near", digest=signature, item_id=item.id,
+                                         text_hash=text_hash(item.prompt))
+        if marker.role == "leader":
+            self._finisher.add_lead(item.id, "near", signature)
+            return False
+        return self._settle(item, marker)  # a marker appeared meanwhile
 
     def _near(self, entry: OpenItem, marker: dict[str, Any]) -> bool:
         """Whether the embedding of a near-duplicate's leader agrees with the item's."""
         leader_vector = self._encoder.cached_vector(marker.get("text_hash") or "")
-        return leader_vector is not None and float(leader_vector @ entry.vector) >= \
-            self.grouping.near_duplicate_threshold
+        return leader_vector is not None and entry.vector is not None and \
+            float(leader_vector @ entry.vector) >= self.grouping.near_duplicate_threshold
 
     def _settle(self, item: PromptItem, marker: Marker) -> bool:
         if marker.role == "follower":
@@ -351,13 +390,19 @@ class Grouper:
         size = self.grouping.max_batch_size
         if len(members) == 1:
             return [members] if self._due(members, now) else []
-        vectors = np.vstack([m.vector for m in members])
-        with cpu_threads(self.grouping.encoder_threads):
-            found = cluster(vectors, threshold=self.grouping.similarity_threshold, max_size=size)
-        clusters = [[members[i] for i in c] for c in found]
+        embedded = [m for m in members if m.vector is not None]
+        clusters: list[list[OpenItem]] = []
+        if embedded:
+            vectors = np.vstack([m.vector for m in embedded if m.vector is not None])
+            with cpu_threads(self.grouping.encoder_threads):
+                found = cluster(vectors, threshold=self.grouping.similarity_threshold, max_size=size)
+            clusters = [[embedded[i] for i in c] for c in found]
+        # An item the encoder has not reached yet waits for it until the item itself falls due; then
+        # it goes as a cluster of its own.
+        clusters += [[m] for m in members if m.vector is None and self._due([m], now)]
         ready = [c for c in clusters if len(c) == size]
         rest = [c for c in clusters if len(c) < size]
-        rest.sort(key=lambda c: c[0].item.submitted_at)
+        rest.sort(key=lambda c: min(m.item.submitted_at for m in c))
         # Pack the remaining clusters, similar items side by side, into batches of at most ``size``.
         packed: list[list[OpenItem]] = []
         current: list[OpenItem] = []
@@ -426,7 +471,8 @@ class Grouper:
         for m in members:
             self._open.pop(m.item.id, None)
         self._send(batch_id, len(members))
-        self._telemetry.batch_dispatched(size=len(members), kind=kind, tenant=members[0].item.tenant)
+        self._telemetry.batch_dispatched(size=len(members), kind=kind, tenant=members[0].item.tenant,
+                                         unembedded=sum(m.needs_vector and m.vector is None for m in members))
 
     def _send(self, batch_id: str, size: int) -> None:
         self._dispatch(batch_id, size)
@@ -470,7 +516,6 @@ class Grouper:
 
 
 PREFIX_KEY = "pre:"
-_NO_VECTOR = np.zeros(0, dtype=np.float32)
 
 
 def _is_prefix(context_key: str | None) -> bool:

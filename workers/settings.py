@@ -19,6 +19,8 @@ from producers.settings import (
 )
 from workers.tiers.config import BudgetConfig, RoutingConfig, parse_budgets, parse_routing
 
+QUANTIZE_CHOICES = ("auto", "int8", "none")
+
 
 @dataclass(frozen=True)
 class GroupingSettings:
@@ -34,8 +36,16 @@ class GroupingSettings:
     """A cluster is flushed when its oldest item has waited this long (default 0.5 s)."""
     encoder: str = "all-MiniLM-L6-v2"
     """Encoder name (the packaged all-MiniLM-L6-v2) or the directory of a sentence-transformers model."""
+    encoder_quantize: str = "auto"
+    """``auto`` (int8 where the CPU has VNNI or AMX, float elsewhere), ``int8`` or ``none``: dynamic int8
+    quantization of a float encoder at load time (about 1.6x the rate at a mean cosine of 0.995)."""
     claim_count: int = 256
-    """Most new items claimed (and embedded) per tick, so a tick stays short under a backlog."""
+    """Most new items claimed per tick, so a tick stays short under a backlog."""
+    embed_late: bool = False
+    """Embed every item before it is flushed, even when the encoder falls behind and items wait past
+    ``max_wait_s`` (favours near-duplicate coalescing over latency). By default the grouper embeds only
+    what it can before the oldest item falls due, and items still without an embedding when they fall
+    due are flushed without one (exact-duplicate coalescing still applies to them)."""
     encoder_threads: int = 1
     """CPU threads of the encoder and of clustering's matrix products (default 1: on cores shared with
     workers, one thread measured twice the encoder rate of two; 0 keeps the libraries' default)."""
@@ -100,7 +110,9 @@ def worker_settings(config: Mapping[str, Any], env: Mapping[str, str] | None = N
         max_batch_size=typed(grouping, "max_batch_size", int, 16, where="grouping", minimum=1, maximum=256),
         max_wait_s=typed(grouping, "max_wait_s", float, 0.5, where="grouping", minimum=0.0, maximum=3600),
         encoder=typed(grouping, "encoder", str, "all-MiniLM-L6-v2", where="grouping"),
+        encoder_quantize=typed(grouping, "encoder_quantize", str, "auto", where="grouping"),
         claim_count=typed(grouping, "claim_count", int, 256, where="grouping", minimum=1),
+        embed_late=typed(grouping, "embed_late", bool, False, where="grouping"),
         encoder_threads=typed(grouping, "encoder_threads", int, 1, where="grouping", minimum=0, maximum=256),
         coalesce_near_duplicates=typed(grouping, "coalesce_near_duplicates", bool, True, where="grouping"),
         pack_contexts=typed(grouping, "pack_contexts", bool, True, where="grouping"),
@@ -108,6 +120,9 @@ def worker_settings(config: Mapping[str, Any], env: Mapping[str, str] | None = N
                                        minimum=0.0, maximum=1.0),
         coalesce_window_s=typed(grouping, "coalesce_window_s", int, 600, where="grouping", minimum=0),
     )
+    if g.encoder_quantize not in QUANTIZE_CHOICES:
+        raise ConfigError(f"grouping.encoder_quantize must be one of {', '.join(QUANTIZE_CHOICES)}; "
+                          f"got {g.encoder_quantize!r}", key="grouping.encoder_quantize")
     d = DeliverySettings(
         visibility_timeout_s=typed(delivery, "visibility_timeout_s", int, 600, where="delivery", minimum=1),
         max_redeliveries=typed(delivery, "max_redeliveries", int, 3, where="delivery", minimum=0),

@@ -44,7 +44,7 @@ def grouper() -> Any:
     from workers.grouper import Grouper
 
     settings = load_worker_settings()
-    encoder = CachedEncoder(Encoder(settings.grouping.encoder, threads=settings.grouping.encoder_threads), _redis(),
+    encoder = CachedEncoder(Encoder.for_grouping(settings.grouping), _redis(),
                             settings.producer.redis.keys)
     return Grouper(settings, _redis(), encoder=encoder, dispatch=dispatch_batch, telemetry=_telemetry())
 

@@ -348,12 +348,15 @@ class Telemetry:
                         json.dumps({"state": state, "ts": float(self._clock())}, separators=(",", ":"))))
         self._write("circuit", b, {"tier": tier, "state": state})
 
-    def batch_dispatched(self, *, size: int, kind: str, tenant: str) -> None:
-        """A batch left the grouper (``kind``: ``cluster``, ``packed``...)."""
+    def batch_dispatched(self, *, size: int, kind: str, tenant: str, unembedded: int = 0) -> None:
+        """A batch left the grouper (``kind``: ``cluster``, ``packed``...); ``unembedded`` of its items
+        fell due before the encoder reached them."""
         b = _Batch()
         b.legacy.update({"batches": 1, "batched_items": size})
         b.count("batches", {"kind": kind})
         b.count("batched_items", {"kind": kind}, int(_num(size)))
+        if unembedded:
+            b.count("unembedded_items", None, int(_num(unembedded)))
         b.observe("batch_size", _num(size))
         b.win("batches")
         b.win("batched_items", int(_num(size)))

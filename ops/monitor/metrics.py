@@ -25,6 +25,7 @@ Families (counters end in ``_total``; money is in the tiers' price currency):
 ``cohort_circuit_transitions_total``        circuit changes {tier, state}
 ``cohort_batches_total``                    batches dispatched {kind}
 ``cohort_batched_items_total``              items in them {kind}
+``cohort_unembedded_items_total``           items flushed before the encoder reached them
 ``cohort_grouping_ticks_total``             grouping ticks
 ``cohort_queue_wait_seconds``               histogram: submission to batch start
 ``cohort_grouping_seconds``                 histogram: grouping ticks that did work
@@ -97,6 +98,7 @@ COUNTERS: dict[str, tuple[str, tuple[str, ...]]] = {
     "circuit_transitions": ("Circuit breaker state changes.", ("tier", "state")),
     "batches": ("Batches dispatched by the grouper.", ("kind",)),
     "batched_items": ("Items in dispatched batches.", ("kind",)),
+    "unembedded_items": ("Items flushed before the grouper's encoder reached them (encoder behind).", ()),
     "grouping_ticks": ("Grouping ticks run.", ()),
 }
 HISTOGRAM_HELP: dict[str, tuple[str, tuple[str, ...]]] = {

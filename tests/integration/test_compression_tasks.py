@@ -90,7 +90,7 @@ def test_quantize_then_evaluate_the_real_encoder(worker, app, tmp_path: Path) ->
     config = default_config()
     config.setdefault("grouping", {})["encoder"] = str(artifact)
     settings = worker_settings(config, {"COHORT_REDIS_URL": COMPRESSION_REDIS_URL})
-    grouper_vectors = Encoder(settings.grouping.encoder).encode(SENTENCES)
+    grouper_vectors = Encoder.for_grouping(settings.grouping).encode(SENTENCES)  # the artifact keeps its own recipe
     assert ((fp32 * grouper_vectors).sum(1) >= 0.99).all()
 
     evaluation = submit(app, "evaluate", str(artifact),

@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from hypothesis import given
+from hypothesis import HealthCheck, given
+from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 
 from producers.errors import ConfigError
@@ -39,6 +40,7 @@ def test_environment_overrides_redis(tmp_path: Path) -> None:
     ("[redis]\nurl = 'http://x'\n", "redis.url must start with"),
     ("[limits]\nmax_prompt_chars = true\n", "limits.max_prompt_chars must be int, got a boolean"),
     ("grouping = 3\n", "[grouping] must be a table"),
+    ('[grouping]\nencoder_quantize = "fp8"\n', "grouping.encoder_quantize must be one of auto, int8, none"),
     ("[[[ not toml", "not valid TOML"),
 ])
 def test_malformed_config_names_the_problem(tmp_path: Path, text: str, needle: str) -> None:
@@ -60,6 +62,8 @@ tables = st.dictionaries(st.sampled_from(["redis", "limits", "grouping", "delive
                                          max_size=4) | scalars, max_size=4)
 
 
+# Generating these tables is slow on a busy machine: that is not what this test checks.
+@hypothesis_settings(suppress_health_check=[HealthCheck.too_slow], deadline=None)
 @given(tables)
 def test_arbitrary_config_tables_parse_or_raise_config_error(config: dict) -> None:
     try:
