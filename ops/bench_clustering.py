@@ -69,11 +69,17 @@ NAIVE_LIMIT = 10_000
 
 # --- embeddings, cached per text -------------------------------------------------------------
 def embed_cached(texts: Sequence[str], cache_dir: Path = DEFAULT_CACHE, *, log: bool = True) -> np.ndarray:
-    """Embeddings of ``texts`` by the grouper's encoder, reusing vectors cached in ``cache_dir``.
+    """Embeddings of ``texts`` by the grouper's default encoder, reusing vectors cached in ``cache_dir``
+    (a directory per encoder and precision).
 
     The cache holds ``.npz`` chunks of (text sha1, vector); texts not found are embedded and
     written as a new chunk. Used by every grouping benchmark so that each text is embedded once.
     """
+    from workers.encoder import Encoder
+    from workers.settings import GroupingSettings
+
+    encoder = Encoder.for_grouping(GroupingSettings())  # the default encoder, int8 where the CPU has VNNI
+    cache_dir = cache_dir / encoder.cache_tag
     cache_dir.mkdir(parents=True, exist_ok=True)
     known: dict[str, np.ndarray] = {}
     for chunk in sorted(cache_dir.glob("chunk-*.npz")):
@@ -83,10 +89,8 @@ def embed_cached(texts: Sequence[str], cache_dir: Path = DEFAULT_CACHE, *, log: 
     missing = list(dict.fromkeys(h for h in hashes if h not in known))
     if missing:
         by_hash = dict(zip(hashes, texts, strict=True))
-        from workers.encoder import Encoder
-
         started = time.perf_counter()
-        vectors = Encoder("all-MiniLM-L6-v2").encode([by_hash[h] for h in missing])
+        vectors = encoder.encode([by_hash[h] for h in missing])
         if log:
             print(f"embedded {len(missing)} texts in {time.perf_counter() - started:.1f} s "
                   f"(cached in {cache_dir})", file=sys.stderr)

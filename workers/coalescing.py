@@ -22,18 +22,31 @@ from producers.schema import PromptItem
 from workers.encoder import text_hash
 
 _ATTACH = """
+-- KEYS: marker, followers, the item's status hash. ARGV: item id, TTL, text hash, may lead, join.
+local function record_lead()
+  local raw = redis.call('HGET', KEYS[3], 'leads')
+  local leads = {}
+  if raw then leads = cjson.decode(raw) end
+  for _, lead in ipairs(leads) do
+    if lead[1] == ARGV[6] and lead[2] == ARGV[7] then return end
+  end
+  table.insert(leads, {ARGV[6], ARGV[7]})
+  redis.call('HSET', KEYS[3], 'leads', cjson.encode(leads))
+end
 local current = redis.call('GET', KEYS[1])
 if not current then
   if ARGV[4] == '1' then
     redis.call('SET', KEYS[1], cjson.encode({leader=ARGV[1], state='inflight', text_hash=ARGV[3]}),
                'EX', tonumber(ARGV[2]))
+    record_lead()
     return {'leader', ''}
   end
   return {'none', ''}
 end
 local marker = cjson.decode(current)
+if marker['leader'] == ARGV[1] and marker['state'] ~= 'done' then return {'leader', ''} end
+if ARGV[5] ~= '1' then return {'other', current} end
 if marker['state'] == 'done' then return {'done', current} end
-if marker['leader'] == ARGV[1] then return {'leader', ''} end
 redis.call('RPUSH', KEYS[2], ARGV[1])
 redis.call('EXPIRE', KEYS[2], tonumber(ARGV[2]))
 return {'follower', current}
@@ -66,7 +79,25 @@ def coalescing_scope(item: PromptItem) -> str:
     return scope
 
 
-Role = Literal["leader", "follower", "done", "none"]
+Role = Literal["leader", "follower", "done", "other", "none"]
+
+
+@dataclass(frozen=True)
+class Attach:
+    """One item's request to lead, join or look at the marker of one coalescing key."""
+
+    partition: str
+    kind: str
+    """``exact`` or ``near``."""
+    digest: str
+    item_id: str
+    text_hash: str
+    status_key: str
+    """The item's status hash, where the markers it leads are recorded (``leads``)."""
+    may_lead: bool = True
+    """Take the lead when there is no marker (else the role is ``none``)."""
+    join: bool = True
+    """Follow another leader's marker (or be served its answer); else the role is ``other``."""
 
 
 @dataclass(frozen=True)
@@ -74,13 +105,13 @@ class Marker:
     """Where an item stands for one coalescing key."""
 
     kind: str
-    """``exact`` or ``near``."""
     digest: str
     role: Role
     leader: str | None = None
     text_hash: str | None = None
+    """The leader's text hash (roles ``follower``, ``done`` and ``other``)."""
     answer: dict[str, Any] | None = None
-    """The leader's answer, when ``role == 'done'``."""
+    """The leader's answer, when ``role == 'done'``, or ``other`` with a done marker."""
 
 
 class CoalescingStore:
@@ -93,28 +124,27 @@ class CoalescingStore:
         self._attach = client.register_script(_ATTACH)
         self._complete = client.register_script(_COMPLETE)
 
-    def attach(self, *, partition: str, kind: str, digest: str, item_id: str, text_hash: str,
-               may_lead: bool = True) -> Marker:
+    def attach(self, request: Attach) -> Marker:
         """Make the item the leader of its request, a follower of the current leader, or serve it.
 
-        With ``may_lead=False`` the item only joins an existing marker (role ``none`` otherwise).
+        A new leader's marker is recorded in its status hash in the same step, so that whichever
+        path ends the item resolves it.
         """
-        keys = [self._keys.coalesce(partition, kind, digest),
-                self._keys.coalesce_followers(partition, kind, digest)]
-        role_raw, marker_raw = self._attach(
-            keys=keys, args=[item_id, self._inflight_ttl, text_hash, "1" if may_lead else "0"])
-        role = cast(Role, role_raw.decode() if isinstance(role_raw, bytes) else role_raw)
-        if role in ("leader", "none"):
-            return Marker(kind, digest, role, leader=item_id if role == "leader" else None)
-        marker = json.loads(marker_raw)
-        answer = json.loads(marker["answer"]) if role == "done" else None
-        return Marker(kind, digest, role, leader=marker.get("leader"), text_hash=marker.get("text_hash"),
-                      answer=answer)
+        return self.attach_many([request])[0]
 
-    def peek(self, *, partition: str, kind: str, digest: str) -> dict[str, Any] | None:
-        """The current marker of a request, without joining it."""
-        raw = self._redis.get(self._keys.coalesce(partition, kind, digest))
-        return None if raw is None else json.loads(raw)
+    def attach_many(self, requests: list[Attach]) -> list[Marker]:
+        """``attach`` for several items in one round trip, applied in order (a later duplicate of an
+        earlier item in the list follows it)."""
+        if not requests:
+            return []
+        pipe = self._redis.pipeline(transaction=False)
+        for r in requests:
+            self._attach(keys=[self._keys.coalesce(r.partition, r.kind, r.digest),
+                               self._keys.coalesce_followers(r.partition, r.kind, r.digest), r.status_key],
+                         args=[r.item_id, self._inflight_ttl, r.text_hash, "1" if r.may_lead else "0",
+                               "1" if r.join else "0", r.kind, r.digest],
+                         client=pipe)
+        return [_marker(r, reply) for r, reply in zip(requests, pipe.execute(), strict=True)]
 
     def complete(self, *, partition: str, kind: str, digest: str, leader: str,
                  answer: dict[str, Any] | None, keep_s: int) -> list[str]:
@@ -129,3 +159,14 @@ class CoalescingStore:
         payload = json.dumps(answer, separators=(",", ":")) if answer is not None else ""
         followers = self._complete(keys=keys, args=[leader, payload, keep])
         return [f.decode() if isinstance(f, bytes) else f for f in followers]
+
+
+def _marker(request: Attach, reply: list[Any]) -> Marker:
+    role_raw, marker_raw = reply
+    role = cast(Role, role_raw.decode() if isinstance(role_raw, bytes) else role_raw)
+    if role in ("leader", "none"):
+        return Marker(request.kind, request.digest, role, leader=request.item_id if role == "leader" else None)
+    marker = json.loads(marker_raw)
+    answer = json.loads(marker["answer"]) if marker.get("state") == "done" else None
+    return Marker(request.kind, request.digest, role, leader=marker.get("leader"), text_hash=marker.get("text_hash"),
+                  answer=answer)

@@ -64,14 +64,7 @@ class Finisher:
         self.coalescing = CoalescingStore(client, self.keys, inflight_ttl_s=settings.producer.result_ttl_s)
         self._telemetry = telemetry
 
-    # --- leads -----------------------------------------------------------------------------
-    def add_lead(self, item_id: str, kind: str, digest: str) -> None:
-        """Remember that the item leads a marker (called by the grouper when it takes the lead)."""
-        leads = self._leads_of(item_id)
-        if [kind, digest] not in leads:
-            leads.append([kind, digest])
-            self._redis.hset(self.keys.item_status(item_id), "leads", json.dumps(leads))
-
+    # --- leads (recorded by ``CoalescingStore.attach`` when an item takes the lead) ----------
     def _leads_of(self, item_id: str) -> list[list[str]]:
         raw = self._redis.hget(self.keys.item_status(item_id), "leads")
         return json.loads(raw) if raw else []

@@ -12,7 +12,9 @@ partition), under a Redis lock so that one grouper runs at a time however many n
 3. cluster each partition's embedded open items by cosine similarity (``workers.clustering``);
 4. flush a batch when a cluster is full, when a partition holds a full batch, when the oldest
    item has waited ``max_wait_s``, or when an item's deadline is near; items sharing a context
-   (explicit, or a long common prompt prefix) are flushed together as one packed batch;
+   (explicit, or a long common prompt prefix) are flushed together as one packed batch. Items that
+   no packed call could make cheaper (no shared context, a short system message) are not held
+   at all (``wait_for_packing_only``): they go at the next tick;
 5. record each batch in Redis before sending its task, and send again any batch whose task was
    never confirmed sent or has outlived the broker's redelivery window.
 """
@@ -25,7 +27,6 @@ import uuid
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import redis
@@ -41,11 +42,11 @@ from producers.errors import (
 from producers.keys import Keys
 from producers.schema import PromptItem
 from workers.clustering import cluster, cpu_threads
-from workers.coalescing import Marker, coalescing_scope
+from workers.coalescing import Attach, Marker, coalescing_scope
 from workers.delivery import Finisher
 from workers.encoder import CachedEncoder, text_hash
 from workers.locks import EXTEND_IF_OWNER, RELEASE_IF_OWNER
-from workers.packing import prefix_key
+from workers.packing import packing_saves, prefix_key
 from workers.pending import PendingStream
 from workers.sameness import exact_digest, strict_signature
 from workers.settings import WorkerSettings
@@ -56,8 +57,8 @@ DEADLINE_MARGIN_S = 0.25
 EMBED_CHUNK = 64
 """Most texts per encoder call within a tick (the encoder's own batch size)."""
 ENCODER_GRACE_S = 0.1
-"""How long embedding may hold back the flush of an item that fell due (the rest of the tick is
-quick): every tick can embed about this much, however close the oldest item is to its due time."""
+"""How long a tick may embed beyond the time its oldest item falls due: every tick embeds at least
+this much, so that items flushed without waiting are still embedded when the encoder keeps up."""
 
 
 Dispatch = Callable[[str, int], None]
@@ -74,6 +75,9 @@ class OpenItem:
     """False for items packed by a shared prompt prefix: their (long) text is never embedded."""
     near_pending: bool
     """Still to be tested against near duplicates once embedded."""
+    wait_s: float
+    """How long the item may be held for others to share its call (``max_wait_s``, or 0 where
+    holding it cannot save anything)."""
     vector: np.ndarray | None = None
 
 
@@ -151,10 +155,14 @@ class Grouper:
         return max(0.0, self._earliest_due() - self._clock())
 
     def _earliest_due(self) -> float:
-        wait = self.grouping.max_wait_s
-        return min(min(e.item.submitted_at + wait,
-                       e.item.deadline - wait - DEADLINE_MARGIN_S if e.item.deadline is not None else float("inf"))
-                   for e in self._open.values())
+        return min(self._due_at(e) for e in self._open.values())
+
+    def _due_at(self, entry: OpenItem) -> float:
+        """When the item must be flushed: its wait is up, or its deadline leaves no more time."""
+        due = entry.item.submitted_at + entry.wait_s
+        if entry.item.deadline is not None:
+            due = min(due, entry.item.deadline - self.grouping.max_wait_s - DEADLINE_MARGIN_S)
+        return due
 
     # --- open pool bookkeeping ---------------------------------------------------------
     def _reconcile(self) -> None:
@@ -228,26 +236,34 @@ class Grouper:
     def _admit(self, items: list[PromptItem], *, coalesce: bool) -> int:
         """Add items to the open pool; with ``coalesce``, join exact duplicates onto their leaders.
 
-        Exact duplicates need no embedding: an item joins the leader of its exact digest (or is
-        served its kept answer) or becomes that leader itself. Near duplicates are tested once an
-        item is embedded (``_embed_open``).
+        Exact duplicates need no embedding: each item joins the leader of its exact digest (or is
+        served its kept answer) or becomes that leader itself, all in one round trip. Near
+        duplicates are tested once an item is embedded (``_embed_open``).
         """
         if not items:
             return 0
-        taken: list[str] = []
+        coalescing = [item for item in items if coalesce and item.coalesce]
+        markers = self._coalescing.attach_many([self._request(item, "exact", exact_digest(item.prompt))
+                                                for item in coalescing])
+        taken = {item.id for item, marker in zip(coalescing, markers, strict=True) if self._settle(item, marker)}
         near = self.grouping.coalesce_near_duplicates
         for item in items:
-            wants_coalescing = coalesce and item.coalesce
-            if wants_coalescing and self._lead_or_join_exact(item):
-                taken.append(item.id)
+            if item.id in taken:
                 continue
             context_key = self._context_key(item)
             prefix = _is_prefix(context_key)
             group = item.partition if context_key is None else f"{item.partition}#{context_key}"
             self._open[item.id] = OpenItem(item, group, context_key, needs_vector=not prefix,
-                                           near_pending=wants_coalescing and near and not prefix)
-        self._close(taken)
+                                           near_pending=coalesce and item.coalesce and near and not prefix,
+                                           wait_s=self._wait_for(item, context_key))
+        self._close(list(taken))
         return len(taken)
+
+    def _request(self, item: PromptItem, kind: str, digest: str, *, join: bool = True,
+                 may_lead: bool = True) -> Attach:
+        return Attach(partition=coalescing_scope(item), kind=kind, digest=digest, item_id=item.id,
+                      text_hash=text_hash(item.prompt), status_key=self.keys.item_status(item.id),
+                      may_lead=may_lead, join=join)
 
     def _close(self, item_ids: list[str]) -> None:
         """Take coalesced items out of the open pool (they need no call of their own)."""
@@ -261,6 +277,14 @@ class Grouper:
         pipe.execute()
         self._generation = (self._generation or 0) + 1
 
+    def _wait_for(self, item: PromptItem, context_key: str | None) -> float:
+        """``max_wait_s`` where items may be packed into one cheaper call; 0 where they never can."""
+        if context_key is not None or not self.grouping.wait_for_packing_only:
+            return self.grouping.max_wait_s
+        full = [""] * self.grouping.max_batch_size
+        packable = packing_saves(full, None, item.system, output_price_ratio=self.settings.output_price_ratio)
+        return self.grouping.max_wait_s if packable else 0.0
+
     def _context_key(self, item: PromptItem) -> str | None:
         if not self.grouping.pack_contexts:
             return None
@@ -268,16 +292,6 @@ class Grouper:
             return "ctx:" + text_hash(item.context)[:16]
         key = prefix_key(item.prompt)
         return None if key is None else PREFIX_KEY + key
-
-    def _lead_or_join_exact(self, item: PromptItem) -> bool:
-        """Join an exact duplicate's leader (or its kept answer), else lead; True if no call is needed."""
-        digest = exact_digest(item.prompt)
-        marker = self._coalescing.attach(partition=coalescing_scope(item), kind="exact", digest=digest,
-                                         item_id=item.id, text_hash=text_hash(item.prompt))
-        if marker.role == "leader":
-            self._finisher.add_lead(item.id, "exact", digest)
-            return False
-        return self._settle(item, marker)
 
     # --- 2: embed within the time left, coalesce near duplicates ---------------------------
     def _embed_open(self) -> int:
@@ -306,8 +320,8 @@ class Grouper:
         return len(taken)
 
     def _affordable(self) -> int:
-        """How many texts the encoder can embed before the oldest open item is overdue by the grace."""
-        return self._encoder.pace.affordable(self._earliest_due() + ENCODER_GRACE_S - self._clock())
+        """How many texts the encoder can embed before the oldest open item falls due, plus the grace."""
+        return self._encoder.pace.affordable(max(0.0, self._earliest_due() - self._clock()) + ENCODER_GRACE_S)
 
     def _coalesce_near(self, entry: OpenItem) -> bool:
         """Join a strictly-same near duplicate, or else lead this request; True if no call is needed.
@@ -317,27 +331,19 @@ class Grouper:
         test, the item neither joins nor leads it.
         """
         item = entry.item
-        scope = coalescing_scope(item)
         signature = strict_signature(item.prompt)
         if signature is None:  # too few words to judge sameness
             return False
-        current = self._coalescing.peek(partition=scope, kind="near", digest=signature)
-        if current is not None and current.get("leader") != item.id:
-            if not self._near(entry, current):
-                return False
-            joined = self._coalescing.attach(partition=scope, kind="near", digest=signature, item_id=item.id,
-                                             text_hash=text_hash(item.prompt), may_lead=False)
-            return self._settle(item, joined)
-        marker = self._coalescing.attach(partition=scope, kind="near", digest=signature, item_id=item.id,
-                                         text_hash=text_hash(item.prompt))
-        if marker.role == "leader":
-            self._finisher.add_lead(item.id, "near", signature)
-            return False
-        return self._settle(item, marker)  # a marker appeared meanwhile
+        marker = self._coalescing.attach(self._request(item, "near", signature, join=False))
+        if marker.role != "other":
+            return False  # it leads the request now (or already did)
+        if not self._near(entry, marker):
+            return False  # another request holds this signature: never join it blindly, never lead it
+        return self._settle(item, self._coalescing.attach(self._request(item, "near", signature, may_lead=False)))
 
-    def _near(self, entry: OpenItem, marker: dict[str, Any]) -> bool:
+    def _near(self, entry: OpenItem, marker: Marker) -> bool:
         """Whether the embedding of a near-duplicate's leader agrees with the item's."""
-        leader_vector = self._encoder.cached_vector(marker.get("text_hash") or "")
+        leader_vector = self._encoder.cached_vector(marker.text_hash or "")
         return leader_vector is not None and entry.vector is not None and \
             float(leader_vector @ entry.vector) >= self.grouping.near_duplicate_threshold
 
@@ -375,11 +381,7 @@ class Grouper:
         return len(batches), dispatched
 
     def _due(self, members: list[OpenItem], now: float) -> bool:
-        oldest = min(m.item.submitted_at for m in members)
-        if now - oldest >= self.grouping.max_wait_s:
-            return True
-        deadlines = [m.item.deadline for m in members if m.item.deadline is not None]
-        return bool(deadlines) and min(deadlines) - now <= self.grouping.max_wait_s + DEADLINE_MARGIN_S
+        return any(self._due_at(m) <= now for m in members)
 
     def _flush_context_group(self, members: list[OpenItem], now: float) -> list[list[OpenItem]]:
         size = self.grouping.max_batch_size

@@ -82,8 +82,7 @@ class BatchRunner:
         self._router = router
         self._finisher = Finisher(settings, client, telemetry=telemetry)
         self._clock = clock
-        prices = settings.primary_prices
-        self._price_ratio = prices[1] / prices[0] if prices and prices[0] > 0 else 1.0
+        self._price_ratio = settings.output_price_ratio
         self._release = client.register_script(RELEASE_IF_OWNER)
 
     def run(self, batch_id: str) -> BatchReport:

@@ -57,6 +57,10 @@ class GroupingSettings:
     """How long an answer is reused for exact duplicates of its prompt (default 10 minutes)."""
     pack_contexts: bool = True
     """Pack items that share a context into one call (default on)."""
+    wait_for_packing_only: bool = True
+    """Hold items up to ``max_wait_s`` only where one packed call can cost less than separate calls
+    (a shared context or a long system message). Other items go at the next tick: holding them saves
+    nothing, because a duplicate that arrives later still joins its leader while it is in flight."""
 
 
 @dataclass(frozen=True)
@@ -97,6 +101,12 @@ class WorkerSettings:
         primary = self.routing.tiers[0]
         return primary.price_in_per_1k, primary.price_out_per_1k
 
+    @property
+    def output_price_ratio(self) -> float:
+        """Price of an output token over an input token on the primary tier (1 when unknown)."""
+        prices = self.primary_prices
+        return prices[1] / prices[0] if prices and prices[0] > 0 else 1.0
+
 
 def worker_settings(config: Mapping[str, Any], env: Mapping[str, str] | None = None) -> WorkerSettings:
     grouping = section(config, "grouping")
@@ -116,6 +126,7 @@ def worker_settings(config: Mapping[str, Any], env: Mapping[str, str] | None = N
         encoder_threads=typed(grouping, "encoder_threads", int, 1, where="grouping", minimum=0, maximum=256),
         coalesce_near_duplicates=typed(grouping, "coalesce_near_duplicates", bool, True, where="grouping"),
         pack_contexts=typed(grouping, "pack_contexts", bool, True, where="grouping"),
+        wait_for_packing_only=typed(grouping, "wait_for_packing_only", bool, True, where="grouping"),
         near_duplicate_threshold=typed(grouping, "near_duplicate_threshold", float, 0.9, where="grouping",
                                        minimum=0.0, maximum=1.0),
         coalesce_window_s=typed(grouping, "coalesce_window_s", int, 600, where="grouping", minimum=0),

@@ -55,7 +55,8 @@ CONCURRENCY = 2
 # about half a second.
 DELIVERY = {"visibility_timeout_s": 8, "task_time_limit_s": 6, "redispatch_after_s": 1.0, "max_redeliveries": 3,
             "lost_batch_after_s": 14.0}
-GROUPING = {"interval_s": 0.25, "max_batch_size": MAX_BATCH, "max_wait_s": 1.0}
+GROUPING = {"interval_s": 0.25, "max_batch_size": MAX_BATCH, "max_wait_s": 1.0, "wait_for_packing_only": False}
+"""Items are held in the open pool for up to a second, so that kills find some there."""
 CONFIG = {"delivery": DELIVERY, "grouping": GROUPING}
 SIM = {"latency_ms": 60, "jitter_ms": 20, "overhead_ms": 40}
 GROUPER_LOCK_TTL_S = 30  # workers.grouper.LOCK_TTL_MS: a tick killed mid-way holds the lock this long
@@ -371,7 +372,8 @@ def test_grouper_killed_while_a_leader_with_followers_is_open(cohort: Cohort) ->
     # its followers arrive and when the grouper is killed.
     victim = next(n for n, p in cohort.processes.items() if n.startswith("grouper") and p.poll() is None)
     cohort.kill(victim, signal.SIGKILL)
-    _start_with_config(cohort, "grouper-slow-flush", {"grouping": {"max_wait_s": 30.0}}, cohort.start_grouper)
+    _start_with_config(cohort, "grouper-slow-flush", {"grouping": {"max_wait_s": 30.0, "wait_for_packing_only": False}},
+                       cohort.start_grouper)
     scenario = Scenario.begin("grouper SIGKILL with a coalescing leader open", cohort)
     texts = distinct_prompts("lead", 3, rng)
     leader_ids = scenario.submit(texts)

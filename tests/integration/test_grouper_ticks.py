@@ -86,8 +86,14 @@ class Rig:
         return sum(size for _, size in self.batches)
 
 
+HOLD = {"max_wait_s": 5.0, "wait_for_packing_only": False}
+"""Every item is held up to its wait, packable or not."""
+LONG_SYSTEM = ("You are the support assistant of Cohort Bank. Answer in two sentences at most, in plain words, "
+               "never ask for card numbers or passwords, and point to the app's Help section when unsure.") * 2
+
+
 def test_items_are_embedded_while_they_wait_and_flushed_when_due(client: redis.Redis, encoder: Encoder) -> None:
-    rig = Rig(client, encoder, {"max_wait_s": 5.0})
+    rig = Rig(client, encoder, HOLD)
     rig.producer.submit_many(PROMPTS)
     first = rig.grouper.tick()
     assert first.claimed == len(PROMPTS) and first.dispatched_items == 0 and first.open_items == len(PROMPTS)
@@ -101,8 +107,9 @@ def test_items_are_embedded_while_they_wait_and_flushed_when_due(client: redis.R
 def test_items_the_encoder_cannot_reach_in_time_are_flushed_without_an_embedding(
         client: redis.Redis, encoder: Encoder) -> None:
     rig = Rig(client, encoder, {"max_wait_s": 0.5})
+    rig.cached.pace.seconds_per_text = 10.0  # an encoder far too slow to embed anything in a tick
     rig.producer.submit_many([*PROMPTS, PROMPTS[2]])  # one exact duplicate
-    rig.offset = 10.0  # everything is long overdue: no time to embed anything
+    rig.offset = 10.0  # everything is long overdue
     report = rig.grouper.tick()
     assert report.claimed == len(PROMPTS) + 1
     assert report.coalesced == 1, "exact duplicates are joined without an embedding"
@@ -122,7 +129,7 @@ def test_embed_late_embeds_every_item_before_flushing_it(client: redis.Redis, en
 
 
 def test_a_full_partition_of_embedded_items_goes_at_once(client: redis.Redis, encoder: Encoder) -> None:
-    rig = Rig(client, encoder, {"max_wait_s": 5.0, "max_batch_size": 4})
+    rig = Rig(client, encoder, {**HOLD, "max_batch_size": 4})
     rig.producer.submit_many(PROMPTS[:5])
     report = rig.grouper.tick()
     assert [size for _, size in rig.batches] == [4], "one full batch at once; the fifth item waits"
@@ -131,7 +138,7 @@ def test_a_full_partition_of_embedded_items_goes_at_once(client: redis.Redis, en
 
 def test_an_item_the_encoder_has_not_reached_waits_until_due_then_goes_without_it(
         client: redis.Redis, encoder: Encoder) -> None:
-    rig = Rig(client, encoder, {"max_wait_s": 5.0, "max_batch_size": 4})
+    rig = Rig(client, encoder, {**HOLD, "max_batch_size": 4})
     rig.cached.pace.seconds_per_text = 10.0  # an encoder far too slow to embed anything before the wait is up
     rig.producer.submit_many(PROMPTS[:5])
     first = rig.grouper.tick()
@@ -143,10 +150,22 @@ def test_an_item_the_encoder_has_not_reached_waits_until_due_then_goes_without_i
     assert not any(rig.embedded(p) for p in PROMPTS[:5])
 
 
-def test_a_near_duplicate_waits_for_its_embedding_and_joins_its_leader(client: redis.Redis, encoder: Encoder) -> None:
+def test_a_near_duplicate_joins_its_leader_in_flight(client: redis.Redis, encoder: Encoder) -> None:
     rig = Rig(client, encoder, {"max_wait_s": 5.0})
     rig.producer.submit_many(["What is the fee for an international transfer?"])
-    rig.grouper.tick()
+    first = rig.grouper.tick()
+    assert first.dispatched_items == 1, "nothing to pack: the item goes at once"
     rig.producer.submit_many(["What's the fee for an international transfer"])
+    second = rig.grouper.tick()
+    assert second.coalesced == 1 and second.dispatched_items == 0 and second.open_items == 0
+
+
+def test_only_items_that_a_packed_call_could_make_cheaper_are_held(client: redis.Redis, encoder: Encoder) -> None:
+    rig = Rig(client, encoder, {"max_wait_s": 5.0})
+    rig.producer.submit_many(PROMPTS[:3])
+    rig.producer.submit_many(PROMPTS[3:], system=LONG_SYSTEM)
     report = rig.grouper.tick()
-    assert report.coalesced == 1 and report.open_items == 1
+    assert report.dispatched_items == 3 and report.open_items == len(PROMPTS) - 3
+    assert report.next_due_s is not None and 4.0 < report.next_due_s <= 5.0
+    rig.offset = 6.0
+    assert rig.grouper.tick().dispatched_items == len(PROMPTS) - 3

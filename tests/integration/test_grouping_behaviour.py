@@ -225,7 +225,9 @@ class TestGroupingBehaviour:
 class TestFullPartitionFlush:
     @pytest.fixture(scope="class")
     def slow_cohort(self) -> Iterator[Cohort]:
-        with run_cohort(db=DB, config={"grouping": {"max_wait_s": 30.0}}, concurrency=4) as running:
+        # Every item held up to 30 s, packable or not: only a full partition flushes early.
+        config = {"grouping": {"max_wait_s": 30.0, "wait_for_packing_only": False}}
+        with run_cohort(db=DB, config=config, concurrency=4) as running:
             yield running
 
     def test_a_partition_reaching_the_batch_size_is_flushed_at_once(self, slow_cohort: Cohort) -> None:
