@@ -50,6 +50,7 @@ from ops.workloads import Prompt, banking77
 from producers import CohortClient, PromptResult
 from workers.encoder import CachedEncoder, Encoder, resolve_quantize
 from workers.grouper import Grouper
+from workers.packing import prefix_key
 from workers.settings import worker_settings
 from workers.telemetry import counter_field
 
@@ -69,8 +70,8 @@ def shuffled_banking77(seed: int = 0) -> list[Prompt]:
 class TimedEncoder(Encoder):
     """The encoder, adding up the seconds spent encoding."""
 
-    def __init__(self, spec: str, *, int8: bool) -> None:
-        super().__init__(spec, int8=int8)
+    def __init__(self, spec: str, *, int8: bool, threads: int) -> None:
+        super().__init__(spec, int8=int8, threads=threads)
         self.seconds = 0.0
 
     def encode(self, texts: Any) -> np.ndarray:
@@ -79,6 +80,12 @@ class TimedEncoder(Encoder):
             return super().encode(texts)
         finally:
             self.seconds += time.perf_counter() - started
+
+
+def encoder_threads_of(encoder: Encoder) -> int:
+    import torch
+
+    return int(torch.get_num_threads())
 
 
 def _encoder_name(encoder: Encoder) -> str:
@@ -137,11 +144,16 @@ def batch_mixing(client: redis.Redis, keys: Any, batch_ids: list[str],
 
 
 def throughput(items: int, repeats: int) -> tuple[list[str], float]:
-    prompts = shuffled_banking77()[:items]
+    # Queries long enough to be packed by a shared prefix (220+ characters) are grouped without an
+    # embedding: left out, so that both sides embed exactly the same texts.
+    everything = shuffled_banking77()
+    prompts = [p for p in everything if prefix_key(p.text) is None][:items]
+    long_ones = sum(prefix_key(p.text) is not None for p in everything)
     texts = [p.text for p in prompts]
     client = redis.Redis.from_url(f"{REDIS_HOST}/{DB}")
     grouping = worker_settings(default_config(), env={}).grouping
-    encoder = TimedEncoder(grouping.encoder, int8=resolve_quantize(grouping.encoder_quantize))
+    encoder = TimedEncoder(grouping.encoder, int8=resolve_quantize(grouping.encoder_quantize),
+                           threads=grouping.encoder_threads)
     encoder.encode(texts[:64])  # load and warm the model
     raw_rates: list[float] = []
     grouper_rates: list[float] = []
@@ -171,9 +183,12 @@ def throughput(items: int, repeats: int) -> tuple[list[str], float]:
     return ([
         "## 1. Grouper throughput against the raw encoder",
         "",
-        f"{items:,} Banking77 queries, {repeats} repeats, each running both back to back in alternating order; "
+        f"{items:,} Banking77 queries ({long_ones} of the {len(everything):,} are long enough to be packed by a "
+        "shared prefix, which the grouper groups without embedding them: those are left out, so that both sides "
+        f"embed the same texts), {repeats} repeats, each running both back to back in alternating order; "
         "one model loaded once, "
-        f"batch 64 for both; the default encoder ({_encoder_name(encoder)}). Grouper: real Redis (db 5), "
+        f"batch 64 for both; the default encoder ({_encoder_name(encoder)}, {encoder_threads_of(encoder)} torch "
+        "thread, as the grouper runs it). Grouper: real Redis (db 5), "
         "`CachedEncoder` with an empty cache, `max_wait_s = 0` with `embed_late = true` (every item is "
         "embedded before it is flushed: the grouper does all of its work), dispatch recording batches; timed "
         "from the first tick until every item is dispatched or coalesced.",
@@ -203,9 +218,9 @@ def encoder_threads(items: int, repeats: int, thread_counts: list[int]) -> list[
     import torch
 
     texts = [p.text for p in shuffled_banking77(seed=2)[:items]]
+    default_threads = torch.get_num_threads()  # before the encoder loads: it sets its own count
     encoder = Encoder.for_grouping(worker_settings(default_config(), env={}).grouping)
     encoder.encode(texts[:16])
-    default_threads = torch.get_num_threads()
     rates: dict[int, list[float]] = {t: [] for t in thread_counts}
     singles: dict[int, list[float]] = {t: [] for t in thread_counts}
     try:
@@ -347,8 +362,8 @@ def latency(rates: list[float], duration: float, latency_ms: float, *, single_th
     variants: list[tuple[str, dict[str, str], list[float]]] = [("default threads", {}, rates)]
     if single_thread:
         variants.append(("1 thread", SINGLE_THREAD_ENV, rates[:1]))
-    offset = 0
     for label, env, variant_rates in variants:
+        offset = 0  # each stack starts on an empty db: its own caches, no kept answers
         with run_cohort(db=DB, sim_options={"latency_ms": latency_ms}, concurrency=8, env=env) as cohort:
             for rate in variant_rates:
                 count = int(rate * duration)

@@ -13,6 +13,7 @@ import time
 import unicodedata
 import uuid
 from dataclasses import asdict, dataclass, field
+from functools import cached_property
 from typing import Any, Literal
 
 from producers.errors import InvalidPrompt
@@ -106,7 +107,7 @@ class PromptItem:
     max_cost: float | None = None
     version: int = SCHEMA_VERSION
 
-    @property
+    @cached_property
     def partition(self) -> str:
         """Items share a batch (and an answer) only within one partition: same tenant, params and system."""
         partition = f"{self.tenant}/{self.params.partition_key()}"

@@ -159,7 +159,9 @@ class CachedEncoder:
             return np.zeros((0, DIMENSION), dtype=np.float32)
         return np.vstack([row for row in rows if row is not None]).astype(np.float32, copy=False)
 
-    def cached_vector(self, hash_: str) -> np.ndarray | None:
-        """The cached embedding of a text hash, if present."""
-        raw = self._redis.get(self._keys.embedding(hash_, self.encoder.cache_tag))
-        return None if raw is None else np.frombuffer(raw, dtype=np.float32)
+    def cached_vectors(self, hashes: Sequence[str]) -> list[np.ndarray | None]:
+        """The cached embeddings of text hashes, where present (one round trip)."""
+        if not hashes:
+            return []
+        raws = self._redis.mget([self._keys.embedding(h, self.encoder.cache_tag) for h in hashes])
+        return [None if raw is None else np.frombuffer(raw, dtype=np.float32) for raw in raws]

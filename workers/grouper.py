@@ -6,7 +6,7 @@ partition), under a Redis lock so that one grouper runs at a time however many n
 1. claim new item ids from the pending stream, move them into the open pool and coalesce exact
    duplicates onto leaders (no embedding needed);
 2. embed the open items (cached by text hash), oldest first, as far as the time left before the
-   oldest item falls due allows (plus ``ENCODER_GRACE_S``), and coalesce strict near-duplicates;
+   oldest item falls due allows (see ``ENCODER_GRACE_S``), and coalesce strict near-duplicates;
    the encoder never holds a flush back longer: an item still without an embedding when it falls
    due is flushed without one (``embed_late`` reverses that choice);
 3. cluster each partition's embedded open items by cosine similarity (``workers.clustering``);
@@ -54,11 +54,10 @@ from workers.telemetry import Telemetry
 
 LOCK_TTL_MS = 30_000
 DEADLINE_MARGIN_S = 0.25
-EMBED_CHUNK = 64
-"""Most texts per encoder call within a tick (the encoder's own batch size)."""
 ENCODER_GRACE_S = 0.1
-"""How long a tick may embed beyond the time its oldest item falls due: every tick embeds at least
-this much, so that items flushed without waiting are still embedded when the encoder keeps up."""
+"""How long the encoder may keep an item waiting past its due time. An item that is not held
+(nothing to pack) counts as due one beat interval after its submission: it cannot go sooner
+anyway. Under overload, items claimed later than that are not embedded, which keeps ticks short."""
 
 
 Dispatch = Callable[[str, int], None]
@@ -305,14 +304,12 @@ class Grouper:
         for entry, vector in zip(waiting, self._encoder.lookup([e.item.prompt for e in waiting]), strict=True):
             entry.vector = vector
         missing = [e for e in waiting if e.vector is None]
-        while missing:
-            count = EMBED_CHUNK if self.grouping.embed_late else min(EMBED_CHUNK, self._affordable())
-            if count <= 0:
-                break
-            chunk, missing = missing[:count], missing[count:]
+        # One encoder call: it sorts its texts by length, so fewer, larger calls pad less.
+        chunk = missing if self.grouping.embed_late else missing[:self._affordable()]
+        if chunk:
             for entry, vector in zip(chunk, self._encoder.compute([e.item.prompt for e in chunk]), strict=True):
                 entry.vector = vector
-        taken = [e.item.id for e in waiting if e.vector is not None and e.near_pending and self._coalesce_near(e)]
+        taken = self._coalesce_near([e for e in waiting if e.vector is not None and e.near_pending])
         for entry in waiting:
             if entry.vector is not None:
                 entry.near_pending = False
@@ -320,32 +317,29 @@ class Grouper:
         return len(taken)
 
     def _affordable(self) -> int:
-        """How many texts the encoder can embed before the oldest open item falls due, plus the grace."""
-        return self._encoder.pace.affordable(max(0.0, self._earliest_due() - self._clock()) + ENCODER_GRACE_S)
+        """How many texts the encoder can embed before an open item has waited too long for it."""
+        embed_by = min(max(self._due_at(e), e.item.submitted_at + self.grouping.interval_s)
+                       for e in self._open.values()) + ENCODER_GRACE_S
+        return self._encoder.pace.affordable(embed_by - self._clock())
 
-    def _coalesce_near(self, entry: OpenItem) -> bool:
-        """Join a strictly-same near duplicate, or else lead this request; True if no call is needed.
+    def _coalesce_near(self, entries: list[OpenItem]) -> list[str]:
+        """Near-duplicate coalescing of newly embedded items; returns the ids that need no call.
 
         An item joins a near duplicate only when the strict signatures are equal and the cosine of
-        the embeddings reaches the threshold; if another request holds the signature and fails that
-        test, the item neither joins nor leads it.
+        the embeddings reaches the threshold. Each item first leads its signature if no request
+        holds it (without joining anyone); an item that finds another leader is compared with it,
+        and joins it only if close enough; otherwise it neither joins nor leads. Three round trips
+        for all the items, in order: a later item in the list can find an earlier one as leader.
         """
-        item = entry.item
-        signature = strict_signature(item.prompt)
-        if signature is None:  # too few words to judge sameness
-            return False
-        marker = self._coalescing.attach(self._request(item, "near", signature, join=False))
-        if marker.role != "other":
-            return False  # it leads the request now (or already did)
-        if not self._near(entry, marker):
-            return False  # another request holds this signature: never join it blindly, never lead it
-        return self._settle(item, self._coalescing.attach(self._request(item, "near", signature, may_lead=False)))
-
-    def _near(self, entry: OpenItem, marker: Marker) -> bool:
-        """Whether the embedding of a near-duplicate's leader agrees with the item's."""
-        leader_vector = self._encoder.cached_vector(marker.text_hash or "")
-        return leader_vector is not None and entry.vector is not None and \
-            float(leader_vector @ entry.vector) >= self.grouping.near_duplicate_threshold
+        signed = [(e, sig) for e in entries if (sig := strict_signature(e.item.prompt)) is not None]
+        leads = self._coalescing.attach_many([self._request(e.item, "near", sig, join=False) for e, sig in signed])
+        contested = [(e, sig, m) for (e, sig), m in zip(signed, leads, strict=True) if m.role == "other"]
+        leader_vectors = self._encoder.cached_vectors([m.text_hash or "" for _, _, m in contested])
+        close = [(e, sig) for (e, sig, _), v in zip(contested, leader_vectors, strict=True)
+                 if v is not None and e.vector is not None
+                 and float(v @ e.vector) >= self.grouping.near_duplicate_threshold]
+        joined = self._coalescing.attach_many([self._request(e.item, "near", sig, may_lead=False) for e, sig in close])
+        return [e.item.id for (e, _), m in zip(close, joined, strict=True) if self._settle(e.item, m)]
 
     def _settle(self, item: PromptItem, marker: Marker) -> bool:
         if marker.role == "follower":
@@ -374,11 +368,8 @@ class Grouper:
                 batches += [(b, "packed") for b in self._flush_context_group(group_items, now)]
             else:
                 batches += [(b, "cluster") for b in self._flush_partition(group_items, now)]
-        dispatched = 0
-        for members, kind in batches:
-            self._record_and_dispatch(members, kind)
-            dispatched += len(members)
-        return len(batches), dispatched
+        self._record_and_dispatch(batches)
+        return len(batches), sum(len(members) for members, _ in batches)
 
     def _due(self, members: list[OpenItem], now: float) -> bool:
         return any(self._due_at(m) <= now for m in members)
@@ -449,41 +440,44 @@ class Grouper:
         self._finisher.failed(entry.item, error)
 
     # --- 5: record, dispatch, redispatch ------------------------------------------------
-    def _record_and_dispatch(self, members: list[OpenItem], kind: str) -> None:
-        batch_id = uuid.uuid4().hex
+    def _record_and_dispatch(self, batches: list[tuple[list[OpenItem], str]]) -> None:
+        """Record the batches in Redis (one transaction), send their tasks, then note them sent."""
+        if not batches:
+            return
         now = self._clock()
-        record = {
-            "items": json.dumps([m.item.id for m in members]),
-            "kind": kind,
-            "tenant": members[0].item.tenant,
-            "created": now,
-            "dispatched_at": 0,
-            "dispatches": 0,
-        }
+        batch_ids = [uuid.uuid4().hex for _ in batches]
         pipe = self._redis.pipeline(transaction=True)
-        pipe.hset(self.keys.batch(batch_id), mapping=record)
-        pipe.expire(self.keys.batch(batch_id), self.settings.producer.result_ttl_s)
-        pipe.zadd(self.keys.inflight(), {batch_id: now + self.settings.delivery.redispatch_after_s})
-        pipe.zrem(self.keys.open_pool(), *[m.item.id for m in members])
-        for m in members:
-            pipe.hset(self.keys.item_status(m.item.id), mapping={"status": "batched", "batch": batch_id})
+        for batch_id, (members, kind) in zip(batch_ids, batches, strict=True):
+            record = {"items": json.dumps([m.item.id for m in members]), "kind": kind,
+                      "tenant": members[0].item.tenant, "created": now, "dispatched_at": 0, "dispatches": 0}
+            pipe.hset(self.keys.batch(batch_id), mapping=record)
+            pipe.expire(self.keys.batch(batch_id), self.settings.producer.result_ttl_s)
+            pipe.zadd(self.keys.inflight(), {batch_id: now + self.settings.delivery.redispatch_after_s})
+            pipe.zrem(self.keys.open_pool(), *[m.item.id for m in members])
+            for m in members:
+                pipe.hset(self.keys.item_status(m.item.id), mapping={"status": "batched", "batch": batch_id})
         self._bump_generation(pipe)
         pipe.execute()
         self._generation = (self._generation or 0) + 1
-        for m in members:
-            self._open.pop(m.item.id, None)
-        self._send(batch_id, len(members))
-        self._telemetry.batch_dispatched(size=len(members), kind=kind, tenant=members[0].item.tenant,
-                                         unembedded=sum(m.needs_vector and m.vector is None for m in members))
+        for members, _ in batches:
+            for m in members:
+                self._open.pop(m.item.id, None)
+        for batch_id, (members, _) in zip(batch_ids, batches, strict=True):
+            self._dispatch(batch_id, len(members))
+        self._mark_sent(batch_ids)
+        for members, kind in batches:
+            self._telemetry.batch_dispatched(size=len(members), kind=kind, tenant=members[0].item.tenant,
+                                             unembedded=sum(m.needs_vector and m.vector is None for m in members))
 
-    def _send(self, batch_id: str, size: int) -> None:
-        self._dispatch(batch_id, size)
+    def _mark_sent(self, batch_ids: list[str]) -> None:
+        """Note the batches' tasks sent; their next check is only for a broker that lost them (a
+        delivery that ends early says so sooner)."""
         now = self._clock()
         pipe = self._redis.pipeline(transaction=False)
-        pipe.hset(self.keys.batch(batch_id), mapping={"dispatched_at": now, "ended_at": 0})
-        pipe.hincrby(self.keys.batch(batch_id), "dispatches", 1)
-        # Next look: only if the broker itself lost the task (a delivery that ends early says so sooner).
-        pipe.zadd(self.keys.inflight(), {batch_id: now + self.settings.delivery.lost_batch_after_s}, xx=True)
+        for batch_id in batch_ids:
+            pipe.hset(self.keys.batch(batch_id), mapping={"dispatched_at": now, "ended_at": 0})
+            pipe.hincrby(self.keys.batch(batch_id), "dispatches", 1)
+            pipe.zadd(self.keys.inflight(), {batch_id: now + self.settings.delivery.lost_batch_after_s}, xx=True)
         pipe.execute()
 
     def _sweep_inflight(self) -> None:
@@ -506,7 +500,8 @@ class Grouper:
                 self._fail_batch(batch_id, record, RedeliveryLimit(
                     f"batch was dispatched {dispatches} times without completing", dispatches=dispatches))
                 continue
-            self._send(batch_id, len(json.loads(record[b"items"])))
+            self._dispatch(batch_id, len(json.loads(record[b"items"])))
+            self._mark_sent([batch_id])
 
     def _fail_batch(self, batch_id: str, record: dict[bytes, bytes], error: CohortError) -> None:
         item_ids = json.loads(record[b"items"])

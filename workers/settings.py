@@ -39,7 +39,7 @@ class GroupingSettings:
     encoder_quantize: str = "auto"
     """``auto`` (int8 where the CPU has VNNI or AMX, float elsewhere), ``int8`` or ``none``: dynamic int8
     quantization of a float encoder at load time (about 1.6x the rate at a mean cosine of 0.995)."""
-    claim_count: int = 256
+    claim_count: int = 1024
     """Most new items claimed per tick, so a tick stays short under a backlog."""
     embed_late: bool = False
     """Embed every item before it is flushed, even when the encoder falls behind and items wait past
@@ -121,7 +121,7 @@ def worker_settings(config: Mapping[str, Any], env: Mapping[str, str] | None = N
         max_wait_s=typed(grouping, "max_wait_s", float, 0.5, where="grouping", minimum=0.0, maximum=3600),
         encoder=typed(grouping, "encoder", str, "all-MiniLM-L6-v2", where="grouping"),
         encoder_quantize=typed(grouping, "encoder_quantize", str, "auto", where="grouping"),
-        claim_count=typed(grouping, "claim_count", int, 256, where="grouping", minimum=1),
+        claim_count=typed(grouping, "claim_count", int, 1024, where="grouping", minimum=1),
         embed_late=typed(grouping, "embed_late", bool, False, where="grouping"),
         encoder_threads=typed(grouping, "encoder_threads", int, 1, where="grouping", minimum=0, maximum=256),
         coalesce_near_duplicates=typed(grouping, "coalesce_near_duplicates", bool, True, where="grouping"),
