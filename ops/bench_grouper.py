@@ -3,13 +3,15 @@
 Usage: ``python -m ops.bench_grouper [--items 600] [--repeats 5] [--rate 100] [--duration 30]``
 (``--skip-latency`` / ``--skip-throughput`` run one half). Uses Redis db 5, flushed.
 
-1. Throughput, in-process. The raw encoder (``Encoder.encode``, batch 64) embeds ``--items``
-   Banking77 queries; a ``workers.grouper.Grouper`` with a real Redis, a real ``CachedEncoder``
-   whose cache is empty (so every embedding is computed) and a dispatch function that only
-   records batches ticks until every enqueued item is dispatched or coalesced
-   (``max_wait_s = 0``: everything claimed flushes at once). Both run on the same texts and
-   the same loaded model, alternately, ``--repeats`` times; medians and their ratio are
-   reported, with the share of the grouper's time spent inside the encoder.
+1. Throughput, in-process. The raw encoder (``Encoder.encode``, batch 64, the default encoder at
+   the grouper's thread count) embeds ``--items`` Banking77 queries; a ``workers.grouper.Grouper``
+   with a real Redis, a real ``CachedEncoder`` whose cache is empty (so every embedding is
+   computed) and a dispatch function that only records batches ticks until every enqueued item
+   is dispatched or coalesced (``max_wait_s = 0`` and ``embed_late = true``: every item is
+   embedded, then flushed at once). Both run on the same texts (queries long enough to be packed
+   by a shared prefix are left out: the grouper would not embed them) and the same loaded
+   model, alternately, ``--repeats`` times; medians and their ratio are reported, with the
+   share of the grouper's time spent inside the encoder.
 2. Added latency, through the real stack (``ops.launcher.run_cohort``: simulator, grouper
    worker, inference worker, beat; default settings, ``max_wait_s`` 0.5): one prompt submitted
    every ``1/rate`` seconds on a fixed schedule for ``--duration`` seconds; the queue wait of
