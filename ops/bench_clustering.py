@@ -5,10 +5,10 @@ Usage: ``python -m ops.bench_clustering [--repeats 5] [--sizes 1000,10000,100000
 
 Vectors (384-d, L2-normalized float32):
 
-- ``real``: all-MiniLM-L6-v2 embeddings of 10,000 real sentences (6,000 Banking77 queries,
-  2,000 PAWS-Wiki dev sentences, 2,000 STS-B dev sentences, shuffled with a fixed seed),
-  embedded once and cached under ``--cache-dir``. The 100,000 set tiles them ten times with
-  Gaussian noise (sigma 0.015 per dimension, renormalized; the cosine between two noisy copies
+- ``real``: all-MiniLM-L6-v2 embeddings (the grouper's default encoder) of 10,000 real sentences
+  (6,000 Banking77 queries, 2,000 PAWS-Wiki dev sentences, 2,000 STS-B dev sentences, shuffled
+  with a fixed seed), embedded once and cached under ``--cache-dir``. The 100,000 set tiles them
+  ten times with Gaussian noise (sigma 0.015 per dimension, renormalized; the cosine between two noisy copies
   of one sentence is printed): each sentence comes back as ten near-copies, 10,000 rows apart.
 - ``random``: Gaussian random directions (no two rows similar: the no-partner case).
 
@@ -33,8 +33,8 @@ grouper does it. Reported per threshold: mean cluster size, clusters per prompt 
 cluster were one call), purity (share of prompts in their cluster's majority intent), the share of
 multi-prompt clusters that mix intents, and the same two figures for the batches of at most 16 the
 grouper forms by packing whole clusters side by side (as ``Grouper._flush_partition`` does when
-the wait runs out): those batches are one packed call of independent questions, so they may
-mix intents by design.
+the wait runs out): each question of such a batch is answered on its own (one call, or one
+numbered question of a packed call where packing pays), so batches may mix intents by design.
 """
 
 from __future__ import annotations
@@ -347,8 +347,9 @@ def main(argv: list[str] | None = None) -> int:
         f"All {len(shuffled):,} Banking77 train queries, shuffled (seed 0; the file is sorted by intent), cut into "
         "consecutive pending windows; each window clustered by `cluster` (clusters of at most 16). "
         "Purity: share of prompts in their group's majority intent. Batches: whole clusters packed side by side "
-        "into batches of at most 16 as the grouper flushes a partition whose wait ran out; a batch is one packed "
-        "call of independent numbered questions, so mixing intents there costs nothing in correctness.",
+        "into batches of at most 16 as the grouper flushes a partition whose wait ran out; each question of a "
+        "batch is answered on its own (its own call, or a numbered question of a packed call where packing pays), "
+        "so mixing intents there costs nothing in correctness.",
         "",
         *quality_table(b77, [p.label or "" for p in shuffled], thresholds, windows),
         "",
