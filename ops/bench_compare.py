@@ -40,6 +40,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import redis
@@ -51,6 +52,7 @@ from ops.baselines.measure import (
     RunResult,
     machine,
     markdown_table,
+    replace_section,
     submit_paced,
     summarize,
     write_report,
@@ -64,6 +66,7 @@ from workers.settings import worker_settings
 from workers.tiers.config import TierConfig, parse_routing
 
 COHORT_DB, PER_PROMPT_DB, BATCHED_DB = 6, 7, 8
+README = Path(__file__).resolve().parent.parent / "README.md"
 LATENCY_MARGIN_S = 0.25
 """Cohort's p99 may exceed the per-prompt system's by at most max_wait_s plus this."""
 SYSTEMS = ("one task per prompt", "celery-batches", "Cohort", "Cohort, one tier", "Cohort, warm embeddings")
@@ -153,7 +156,7 @@ def cohort_processes(cohort: Cohort, workers: int, concurrency: int) -> Iterator
     yield
 
 
-def run(args: argparse.Namespace) -> str:
+def run(args: argparse.Namespace) -> tuple[str, str]:
     loads = workloads(args)
     paced_prompts = [p.text for p in banking77()][-args.paced_prompts:]
     sim_options = {"overhead_ms": args.overhead_ms, "latency_ms": args.latency_ms, "jitter_ms": args.jitter_ms}
@@ -206,7 +209,8 @@ def run(args: argparse.Namespace) -> str:
 
 def report(args: argparse.Namespace, loads: dict[str, list[str]], burst: dict[str, dict[str, RunResult]],
            paced: dict[str, RunResult], max_wait_s: float, batch_size: int, tier: TierConfig,
-           embed_rates: list[float]) -> str:
+           embed_rates: list[float]) -> tuple[str, str]:
+    """The full report (``docs/benchmarks/compare.md``) and the README's summary table."""
     headers = ["workload", "system", "prompts/s", "upstream calls", "input tokens", "output tokens", "cost",
                "cost vs (1)", "p50 s", "p99 s", "calls by model"]
     rows = []
@@ -285,7 +289,33 @@ def report(args: argparse.Namespace, loads: dict[str, list[str]], burst: dict[st
     ]
     if checks:
         lines += ["", "Cost cross-check (results vs simulator) off by more than 2%:", ""] + [f"- {c}" for c in checks]
-    return "\n".join(lines)
+    return "\n".join(lines), readme_summary(args, burst, paced, floors)
+
+
+def readme_summary(args: argparse.Namespace, burst: dict[str, dict[str, RunResult]],
+                   paced: dict[str, RunResult], floors: list[list[str]]) -> str:
+    """A compact table of the three systems for the README (the diagnostic row left out)."""
+    rows = []
+    for workload, results in burst.items():
+        base = results[SYSTEMS[0]]
+        for name in SYSTEMS[:4]:
+            r = results[name]
+            rows.append([workload, name, f"{r.throughput:.0f}", r.calls, r.tokens_in, r.tokens_out,
+                         f"{r.cost / base.cost:.2f}x" if base.cost else "-", f"{r.latency(0.5):.2f}",
+                         f"{r.latency(0.99):.2f}"])
+    for name in SYSTEMS[:4]:
+        r = paced[name]
+        rows.append([f"paced {args.rate:g}/s", name, f"{r.throughput:.0f}", r.calls, r.tokens_in, r.tokens_out,
+                     f"{r.cost / paced[SYSTEMS[0]].cost:.2f}x" if paced[SYSTEMS[0]].cost else "-",
+                     f"{r.latency(0.5):.2f}", f"{r.latency(0.99):.2f}"])
+    met = sum(f[3] == "met" for f in floors)
+    return "\n".join([
+        markdown_table(["workload", "system", "prompts/s", "calls", "input tokens", "output tokens", "cost vs (1)",
+                        "p50 s", "p99 s"], rows),
+        "",
+        f"Floors (cost, throughput and p99 against (1) and (2), for both Cohort rows): {met} of {len(floors)} met; "
+        f"measured {machine()}.",
+    ])
 
 
 def _verdict(ok: bool) -> str:
@@ -309,9 +339,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--prompts must be 16..3000, --doc-questions 1..200, --paced-prompts 1..2000")
     if not 0.1 <= args.rate <= 500:
         parser.error("--rate must be 0.1..500")
-    text = run(args)
+    text, summary = run(args)
     print(text)
     print(f"\nwritten to {write_report('compare', text)}", file=sys.stderr)
+    replace_section(README, "compare", summary)
+    print(f"summary written to {README}", file=sys.stderr)
     return 0
 
 

@@ -41,10 +41,8 @@ class ModelParams:
         return hashlib.sha1(blob.encode()).hexdigest()[:12]
 
     def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        if self.stop is not None:
-            data["stop"] = list(self.stop)
-        return data
+        return {"max_tokens": self.max_tokens, "temperature": self.temperature, "top_p": self.top_p,
+                "stop": None if self.stop is None else list(self.stop), "model": self.model}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None, *, max_tokens_limit: int = 32768) -> ModelParams:

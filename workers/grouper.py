@@ -50,7 +50,7 @@ from workers.packing import packing_saves, prefix_key
 from workers.pending import PendingStream
 from workers.sameness import exact_digest, strict_signature
 from workers.settings import WorkerSettings
-from workers.telemetry import Telemetry
+from workers.telemetry import DispatchedBatch, Telemetry
 
 LOCK_TTL_MS = 30_000
 DEADLINE_MARGIN_S = 0.25
@@ -217,8 +217,9 @@ class Grouper:
             return 0, 0
         items, _gone = self._load_items([e.item_id for e in entries])
         pipe = self._redis.pipeline(transaction=True)
+        if items:
+            pipe.zadd(self.keys.open_pool(), {item.id: item.submitted_at for item in items})
         for item in items:
-            pipe.zadd(self.keys.open_pool(), {item.id: item.submitted_at})
             pipe.hset(self.keys.item_status(item.id), "status", "grouping")
         counts: dict[str, int] = defaultdict(int)
         for item in items:
@@ -465,9 +466,10 @@ class Grouper:
         for batch_id, (members, _) in zip(batch_ids, batches, strict=True):
             self._dispatch(batch_id, len(members))
         self._mark_sent(batch_ids)
-        for members, kind in batches:
-            self._telemetry.batch_dispatched(size=len(members), kind=kind, tenant=members[0].item.tenant,
-                                             unembedded=sum(m.needs_vector and m.vector is None for m in members))
+        self._telemetry.batches_dispatched([
+            DispatchedBatch(len(members), kind, members[0].item.tenant,
+                            unembedded=sum(m.needs_vector and m.vector is None for m in members))
+            for members, kind in batches])
 
     def _mark_sent(self, batch_ids: list[str]) -> None:
         """Note the batches' tasks sent; their next check is only for a broker that lost them (a

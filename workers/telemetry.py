@@ -23,6 +23,7 @@ import bisect
 import json
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import redis
@@ -112,6 +113,18 @@ def bound_label(bound: float) -> str:
     return repr(float(bound))
 
 
+@dataclass(frozen=True)
+class DispatchedBatch:
+    """What telemetry records of a batch the grouper dispatched."""
+
+    size: int
+    kind: str
+    """``cluster`` or ``packed``."""
+    tenant: str
+    unembedded: int = 0
+    """Items that fell due before the grouper's encoder reached them."""
+
+
 class _Batch:
     """What one telemetry call writes, gathered before one pipelined round trip."""
 
@@ -184,7 +197,7 @@ class Telemetry:
         self._price_out = baseline_price_out_per_1k
         self._clock = clock
 
-    def _write(self, kind: str, batch: _Batch, event: dict[str, Any] | None) -> None:
+    def _write(self, kind: str, batch: _Batch, event: dict[str, Any] | list[dict[str, Any]] | None) -> None:
         try:
             now = float(self._clock())
             pipe = self._redis.pipeline(transaction=False)
@@ -203,8 +216,8 @@ class Telemetry:
                 for field, value in batch.window.items():
                     _add(pipe, window_key, field, value)
                 pipe.expire(window_key, WINDOW_TTL_S)
-            if event is not None:
-                payload = json.dumps({"kind": kind, "ts": now, **event}, separators=(",", ":"))
+            for one in ([] if event is None else [event] if isinstance(event, dict) else event):
+                payload = json.dumps({"kind": kind, "ts": now, **one}, separators=(",", ":"))
                 pipe.xadd(self._keys.events(), {"e": payload}, maxlen=EVENTS_MAXLEN, approximate=True)
             pipe.execute()
         except (redis.RedisError, OSError, TypeError, ValueError):
@@ -351,16 +364,24 @@ class Telemetry:
     def batch_dispatched(self, *, size: int, kind: str, tenant: str, unembedded: int = 0) -> None:
         """A batch left the grouper (``kind``: ``cluster``, ``packed``...); ``unembedded`` of its items
         fell due before the encoder reached them."""
+        self.batches_dispatched([DispatchedBatch(size, kind, tenant, unembedded)])
+
+    def batches_dispatched(self, batches: Sequence[DispatchedBatch]) -> None:
+        """Several batches left the grouper in one tick (one round trip)."""
+        if not batches:
+            return
         b = _Batch()
-        b.legacy.update({"batches": 1, "batched_items": size})
-        b.count("batches", {"kind": kind})
-        b.count("batched_items", {"kind": kind}, int(_num(size)))
-        if unembedded:
-            b.count("unembedded_items", None, int(_num(unembedded)))
-        b.observe("batch_size", _num(size))
-        b.win("batches")
-        b.win("batched_items", int(_num(size)))
-        self._write("batch", b, {"size": size, "batch_kind": kind, "tenant": tenant})
+        for batch in batches:
+            size = int(_num(batch.size))
+            b.legacy["batches"] = b.legacy.get("batches", 0) + 1
+            b.legacy["batched_items"] = b.legacy.get("batched_items", 0) + size
+            b.count("batches", {"kind": batch.kind})
+            b.count("batched_items", {"kind": batch.kind}, size)
+            b.count("unembedded_items", None, int(_num(batch.unembedded)))
+            b.observe("batch_size", size)
+            b.win("batches")
+            b.win("batched_items", size)
+        self._write("batch", b, [{"size": x.size, "batch_kind": x.kind, "tenant": x.tenant} for x in batches])
 
     def grouping_tick(self, *, duration_s: float, claimed: int, dispatched: int, open_items: int) -> None:
         """One grouping tick ended; its duration is observed only when it claimed or dispatched work."""

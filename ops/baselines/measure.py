@@ -228,6 +228,21 @@ def write_report(name: str, text: str) -> Path:
     return path
 
 
+def replace_section(path: Path, name: str, text: str) -> None:
+    """Replace what lies between ``<!-- name:begin -->`` and ``<!-- name:end -->`` in a markdown file.
+
+    Raises:
+        ValueError: the file lacks the markers.
+    """
+    begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
+    content = path.read_text(encoding="utf-8")
+    if begin not in content or end not in content:
+        raise ValueError(f"{path} has no {begin} ... {end} section")
+    head, rest = content.split(begin, 1)
+    _, tail = rest.split(end, 1)
+    path.write_text(f"{head}{begin}\n{text.strip()}\n{end}{tail}", encoding="utf-8")
+
+
 def cpu_seconds(pid: int) -> float:
     """User + system CPU seconds of a process and its live descendants (a prefork pool's children)."""
     tick = os.sysconf("SC_CLK_TCK")

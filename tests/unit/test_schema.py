@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -53,6 +54,10 @@ def test_bad_input_is_refused_with_a_clear_error(prompt: object, fields: dict, n
 def test_params_partition_differs_when_params_differ() -> None:
     assert ModelParams(max_tokens=10).partition_key() != ModelParams(max_tokens=11).partition_key()
     assert ModelParams().partition_key() == ModelParams.from_dict({}).partition_key()
+    # Every field takes part in the key (to_dict lists them by hand).
+    assert set(ModelParams().to_dict()) == {f.name for f in dataclasses.fields(ModelParams)}
+    params = ModelParams(max_tokens=7, temperature=0.5, top_p=0.9, stop=("x",), model="primary")
+    assert ModelParams.from_dict(params.to_dict()) == params
 
 
 def test_normalization() -> None:
