@@ -22,7 +22,8 @@ from producers.schema import PromptItem
 from workers.encoder import text_hash
 
 _ATTACH = """
--- KEYS: marker, followers, the item's status hash. ARGV: item id, TTL, text hash, may lead, join.
+-- KEYS: marker, followers, the item's status hash.
+-- ARGV: item id, TTL, text hash, may lead, join, kind, digest, expected leader ('' for any).
 local function record_lead()
   local raw = redis.call('HGET', KEYS[3], 'leads')
   local leads = {}
@@ -45,7 +46,7 @@ if not current then
 end
 local marker = cjson.decode(current)
 if marker['leader'] == ARGV[1] and marker['state'] ~= 'done' then return {'leader', ''} end
-if ARGV[5] ~= '1' then return {'other', current} end
+if ARGV[5] ~= '1' or (ARGV[8] ~= '' and marker['leader'] ~= ARGV[8]) then return {'other', current} end
 if marker['state'] == 'done' then return {'done', current} end
 redis.call('RPUSH', KEYS[2], ARGV[1])
 redis.call('EXPIRE', KEYS[2], tonumber(ARGV[2]))
@@ -98,6 +99,8 @@ class Attach:
     """Take the lead when there is no marker (else the role is ``none``)."""
     join: bool = True
     """Follow another leader's marker (or be served its answer); else the role is ``other``."""
+    expected_leader: str | None = None
+    """Join only this leader's marker (the one the item was compared with); else the role is ``other``."""
 
 
 @dataclass(frozen=True)
@@ -124,17 +127,11 @@ class CoalescingStore:
         self._attach = client.register_script(_ATTACH)
         self._complete = client.register_script(_COMPLETE)
 
-    def attach(self, request: Attach) -> Marker:
-        """Make the item the leader of its request, a follower of the current leader, or serve it.
-
-        A new leader's marker is recorded in its status hash in the same step, so that whichever
-        path ends the item resolves it.
-        """
-        return self.attach_many([request])[0]
-
     def attach_many(self, requests: list[Attach]) -> list[Marker]:
-        """``attach`` for several items in one round trip, applied in order (a later duplicate of an
-        earlier item in the list follows it)."""
+        """Make each item the leader of its request, a follower of the current leader, or serve it
+        the kept answer; in one round trip, applied in order (a later duplicate of an earlier item
+        in the list follows it). A new leader's marker is recorded in its status hash in the same
+        step, so that whichever path ends the item resolves it."""
         if not requests:
             return []
         pipe = self._redis.pipeline(transaction=False)
@@ -142,7 +139,7 @@ class CoalescingStore:
             self._attach(keys=[self._keys.coalesce(r.partition, r.kind, r.digest),
                                self._keys.coalesce_followers(r.partition, r.kind, r.digest), r.status_key],
                          args=[r.item_id, self._inflight_ttl, r.text_hash, "1" if r.may_lead else "0",
-                               "1" if r.join else "0", r.kind, r.digest],
+                               "1" if r.join else "0", r.kind, r.digest, r.expected_leader or ""],
                          client=pipe)
         return [_marker(r, reply) for r, reply in zip(requests, pipe.execute(), strict=True)]
 

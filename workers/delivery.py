@@ -16,7 +16,7 @@ from typing import Any
 
 import redis
 
-from producers.errors import CohortError
+from producers.errors import CohortError, RedeliveryLimit
 from producers.keys import Keys
 from producers.schema import PromptItem
 from workers.coalescing import CoalescingStore, coalescing_scope
@@ -116,9 +116,20 @@ class Finisher:
         for kind, digest in self._leads_of(item.id):
             followers = self.coalescing.complete(partition=coalescing_scope(item), kind=kind, digest=digest,
                                                  leader=item.id, answer=None, keep_s=0)
-            if followers:
-                requeue(self._redis, self.keys, self.writer, followers, partition=item.partition,
-                        max_requeues=self.settings.delivery.max_redeliveries, reason="its leader failed")
+            if not followers:
+                continue
+            over = requeue(self._redis, self.keys, followers, partition=item.partition,
+                           max_requeues=self.settings.delivery.max_redeliveries)
+            # A follower may lead requests of its own: ending it through ``failed`` resolves them too.
+            loaded = {f.id: f for f in self._load(list(over))}
+            for follower_id, times in over.items():
+                error = RedeliveryLimit(f"item was submitted again {times} times (its leader failed); giving up",
+                                        requeues=times)
+                follower = loaded.get(follower_id)
+                if follower is None:
+                    self.writer.fail(follower_id, error)
+                else:
+                    self.failed(follower, error)
 
     def fail_ids(self, item_ids: list[str], error: CohortError) -> None:
         """Fail items known by id only (their bodies are loaded when still present)."""

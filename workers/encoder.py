@@ -96,19 +96,26 @@ class Encoder:
 
 
 class EncoderPace:
-    """Seconds the encoder takes per text, learnt from its recent calls (for time budgets)."""
+    """How long the encoder takes for n texts, learnt from its recent calls (for time budgets).
 
-    def __init__(self, seconds_per_text: float = 0.01, *, weight: float = 0.3) -> None:
+    A call costs a fixed part (``call_s``, the cost of encoding one short text alone less its share)
+    plus ``seconds_per_text`` for each text; every call, however small, updates the per-text
+    estimate, so one slow call cannot freeze it at a rate that leaves no room for another sample.
+    """
+
+    def __init__(self, seconds_per_text: float = 0.01, *, call_s: float = 0.005, weight: float = 0.3) -> None:
         self.seconds_per_text = seconds_per_text
+        self.call_s = call_s
         self._weight = weight
 
     def record(self, texts: int, seconds: float) -> None:
-        if texts >= 8:  # one or two texts mostly measure the call's fixed cost
-            self.seconds_per_text += self._weight * (seconds / texts - self.seconds_per_text)
+        if texts > 0:
+            sample = max(seconds - self.call_s, 0.0) / texts
+            self.seconds_per_text += self._weight * (sample - self.seconds_per_text)
 
     def affordable(self, seconds: float) -> int:
-        """How many texts fit in ``seconds``."""
-        return max(0, int(seconds / self.seconds_per_text))
+        """How many texts fit in one call of at most ``seconds``."""
+        return max(0, int((seconds - self.call_s) / max(self.seconds_per_text, 1e-6)))
 
 
 class CachedEncoder:

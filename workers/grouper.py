@@ -22,6 +22,7 @@ partition), under a Redis lock so that one grouper runs at a time however many n
 from __future__ import annotations
 
 import json
+import logging
 import time
 import uuid
 from collections import defaultdict
@@ -52,6 +53,8 @@ from workers.sameness import exact_digest, strict_signature
 from workers.settings import WorkerSettings
 from workers.telemetry import DispatchedBatch, Telemetry
 
+log = logging.getLogger("cohort.grouper")
+
 LOCK_TTL_MS = 30_000
 DEADLINE_MARGIN_S = 0.25
 ENCODER_GRACE_S = 0.1
@@ -59,6 +62,20 @@ ENCODER_GRACE_S = 0.1
 (nothing to pack) counts as due one beat interval after its submission: it cannot go sooner
 anyway. Under overload, items claimed later than that are not embedded, which keeps ticks short."""
 
+
+MARK_SENT = """
+-- KEYS: batch record, inflight set. ARGV: sent at, next check, batch id.
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end  -- completed and forgotten meanwhile
+redis.call('HINCRBY', KEYS[1], 'dispatches', 1)
+local ended = tonumber(redis.call('HGET', KEYS[1], 'ended_at') or '0') or 0
+if ended >= tonumber(ARGV[1]) then  -- a delivery of this task already ended incomplete
+  redis.call('HSET', KEYS[1], 'dispatched_at', ARGV[1])
+  return 1
+end
+redis.call('HSET', KEYS[1], 'dispatched_at', ARGV[1], 'ended_at', 0)
+redis.call('ZADD', KEYS[2], 'XX', ARGV[2], ARGV[3])
+return 1
+"""
 
 Dispatch = Callable[[str, int], None]
 """Sends the task of a recorded batch: ``dispatch(batch_id, item_count)``."""
@@ -112,6 +129,7 @@ class Grouper:
         self._writer = self._finisher.writer
         self._coalescing = self._finisher.coalescing
         self._release = client.register_script(RELEASE_IF_OWNER)
+        self._mark_sent_script = client.register_script(MARK_SENT)
         self._extend = client.register_script(EXTEND_IF_OWNER)
         self._open: dict[str, OpenItem] = {}
         self._generation: int | None = None
@@ -130,11 +148,15 @@ class Grouper:
         try:
             self._reconcile()
             claimed, coalesced = self._claim()
+            self._keep_lock(token)
             coalesced += self._embed_open()
             self._keep_lock(token)
             batches, items = self._flush()
             self._fail_overdue_followers()
             self._sweep_inflight()
+        except BaseException:
+            self._generation = None  # the pool in memory may disagree with Redis: reload it next tick
+            raise
         finally:
             self._release(keys=[self.keys.grouper_lock()], args=[token])
         duration = time.perf_counter() - started
@@ -260,10 +282,10 @@ class Grouper:
         return len(taken)
 
     def _request(self, item: PromptItem, kind: str, digest: str, *, join: bool = True,
-                 may_lead: bool = True) -> Attach:
+                 may_lead: bool = True, leader: str | None = None) -> Attach:
         return Attach(partition=coalescing_scope(item), kind=kind, digest=digest, item_id=item.id,
                       text_hash=text_hash(item.prompt), status_key=self.keys.item_status(item.id),
-                      may_lead=may_lead, join=join)
+                      may_lead=may_lead, join=join, expected_leader=leader)
 
     def _close(self, item_ids: list[str]) -> None:
         """Take coalesced items out of the open pool (they need no call of their own)."""
@@ -308,8 +330,14 @@ class Grouper:
         # One encoder call: it sorts its texts by length, so fewer, larger calls pad less.
         chunk = missing if self.grouping.embed_late else missing[:self._affordable()]
         if chunk:
-            for entry, vector in zip(chunk, self._encoder.compute([e.item.prompt for e in chunk]), strict=True):
-                entry.vector = vector
+            try:
+                vectors = self._encoder.compute([e.item.prompt for e in chunk])
+            except Exception:  # the encoder failing must not stop grouping: items go without embeddings
+                log.exception("the grouper's encoder failed on %d texts; they are grouped without embeddings",
+                              len(chunk))
+            else:
+                for entry, vector in zip(chunk, vectors, strict=True):
+                    entry.vector = vector
         taken = self._coalesce_near([e for e in waiting if e.vector is not None and e.near_pending])
         for entry in waiting:
             if entry.vector is not None:
@@ -319,9 +347,15 @@ class Grouper:
 
     def _affordable(self) -> int:
         """How many texts the encoder can embed before an open item has waited too long for it."""
-        embed_by = min(max(self._due_at(e), e.item.submitted_at + self.grouping.interval_s)
-                       for e in self._open.values()) + ENCODER_GRACE_S
+        embed_by = min(self._embed_by(e) for e in self._open.values())
         return self._encoder.pace.affordable(embed_by - self._clock())
+
+    def _embed_by(self, entry: OpenItem) -> float:
+        """Until when the encoder may keep the item waiting (see ``ENCODER_GRACE_S``)."""
+        until = max(self._due_at(entry), entry.item.submitted_at + self.grouping.interval_s) + ENCODER_GRACE_S
+        if entry.item.deadline is not None:
+            until = min(until, entry.item.deadline - DEADLINE_MARGIN_S)
+        return until
 
     def _coalesce_near(self, entries: list[OpenItem]) -> list[str]:
         """Near-duplicate coalescing of newly embedded items; returns the ids that need no call.
@@ -336,11 +370,12 @@ class Grouper:
         leads = self._coalescing.attach_many([self._request(e.item, "near", sig, join=False) for e, sig in signed])
         contested = [(e, sig, m) for (e, sig), m in zip(signed, leads, strict=True) if m.role == "other"]
         leader_vectors = self._encoder.cached_vectors([m.text_hash or "" for _, _, m in contested])
-        close = [(e, sig) for (e, sig, _), v in zip(contested, leader_vectors, strict=True)
+        close = [(e, sig, m.leader) for (e, sig, m), v in zip(contested, leader_vectors, strict=True)
                  if v is not None and e.vector is not None
                  and float(v @ e.vector) >= self.grouping.near_duplicate_threshold]
-        joined = self._coalescing.attach_many([self._request(e.item, "near", sig, may_lead=False) for e, sig in close])
-        return [e.item.id for (e, _), m in zip(close, joined, strict=True) if self._settle(e.item, m)]
+        joined = self._coalescing.attach_many([self._request(e.item, "near", sig, may_lead=False, leader=leader)
+                                               for e, sig, leader in close])
+        return [e.item.id for (e, _, _), m in zip(close, joined, strict=True) if self._settle(e.item, m)]
 
     def _settle(self, item: PromptItem, marker: Marker) -> bool:
         if marker.role == "follower":
@@ -463,23 +498,30 @@ class Grouper:
         for members, _ in batches:
             for m in members:
                 self._open.pop(m.item.id, None)
-        for batch_id, (members, _) in zip(batch_ids, batches, strict=True):
-            self._dispatch(batch_id, len(members))
-        self._mark_sent(batch_ids)
+        sent: list[tuple[str, float]] = []
+        try:
+            for batch_id, (members, _) in zip(batch_ids, batches, strict=True):
+                sent_at = self._clock()
+                self._dispatch(batch_id, len(members))
+                sent.append((batch_id, sent_at))
+        finally:
+            self._mark_sent(sent)
         self._telemetry.batches_dispatched([
             DispatchedBatch(len(members), kind, members[0].item.tenant,
                             unembedded=sum(m.needs_vector and m.vector is None for m in members))
             for members, kind in batches])
 
-    def _mark_sent(self, batch_ids: list[str]) -> None:
-        """Note the batches' tasks sent; their next check is only for a broker that lost them (a
-        delivery that ends early says so sooner)."""
-        now = self._clock()
+    def _mark_sent(self, sent: list[tuple[str, float]]) -> None:
+        """Note batches' tasks sent (``(batch id, time just before sending)``): their next check is
+        then only for a broker that lost them. A batch already completed and forgotten is left
+        alone, and so is the early check of a delivery that already ended incomplete."""
+        if not sent:
+            return
         pipe = self._redis.pipeline(transaction=False)
-        for batch_id in batch_ids:
-            pipe.hset(self.keys.batch(batch_id), mapping={"dispatched_at": now, "ended_at": 0})
-            pipe.hincrby(self.keys.batch(batch_id), "dispatches", 1)
-            pipe.zadd(self.keys.inflight(), {batch_id: now + self.settings.delivery.lost_batch_after_s}, xx=True)
+        lost_after = self.settings.delivery.lost_batch_after_s
+        for batch_id, sent_at in sent:
+            self._mark_sent_script(keys=[self.keys.batch(batch_id), self.keys.inflight()],
+                                   args=[sent_at, sent_at + lost_after, batch_id], client=pipe)
         pipe.execute()
 
     def _sweep_inflight(self) -> None:
@@ -502,8 +544,9 @@ class Grouper:
                 self._fail_batch(batch_id, record, RedeliveryLimit(
                     f"batch was dispatched {dispatches} times without completing", dispatches=dispatches))
                 continue
+            sent_at = self._clock()
             self._dispatch(batch_id, len(json.loads(record[b"items"])))
-            self._mark_sent([batch_id])
+            self._mark_sent([(batch_id, sent_at)])
 
     def _fail_batch(self, batch_id: str, record: dict[bytes, bytes], error: CohortError) -> None:
         item_ids = json.loads(record[b"items"])

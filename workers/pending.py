@@ -6,9 +6,7 @@ from dataclasses import dataclass
 
 import redis
 
-from producers.errors import RedeliveryLimit
 from producers.keys import GROUPER_CONSUMER_GROUP, Keys
-from workers.results import ResultWriter
 
 CONSUMER = "grouper"
 
@@ -82,17 +80,22 @@ class PendingStream:
         return int(self._redis.xlen(self._keys.pending_stream()))
 
 
-def requeue(client: redis.Redis, keys: Keys, writer: ResultWriter, item_ids: list[str], *,
-            partition: str, max_requeues: int, reason: str) -> None:
-    """Submit items again (e.g. followers of a failed leader); fail those requeued too often."""
+def requeue(client: redis.Redis, keys: Keys, item_ids: list[str], *, partition: str,
+            max_requeues: int) -> dict[str, int]:
+    """Submit items again (e.g. followers of a failed leader).
+
+    Returns the items already submitted again ``max_requeues`` times, with that count: they are
+    not submitted again, and the caller ends them (resolving whatever they lead).
+    """
+    over: dict[str, int] = {}
     for item_id in item_ids:
         count = client.hincrby(keys.item_status(item_id), "requeues", 1)
         if count > max_requeues:
-            writer.fail(item_id, RedeliveryLimit(
-                f"item was submitted again {count - 1} times ({reason}); giving up", requeues=count - 1))
+            over[item_id] = count - 1
             continue
         pipe = client.pipeline(transaction=True)
         pipe.hset(keys.item_status(item_id), "status", "queued")
         pipe.xadd(keys.pending_stream(), {"id": item_id})
         pipe.incrby(keys.partition_count(partition), 1)
         pipe.execute()
+    return over

@@ -361,13 +361,8 @@ class Telemetry:
                         json.dumps({"state": state, "ts": float(self._clock())}, separators=(",", ":"))))
         self._write("circuit", b, {"tier": tier, "state": state})
 
-    def batch_dispatched(self, *, size: int, kind: str, tenant: str, unembedded: int = 0) -> None:
-        """A batch left the grouper (``kind``: ``cluster``, ``packed``...); ``unembedded`` of its items
-        fell due before the encoder reached them."""
-        self.batches_dispatched([DispatchedBatch(size, kind, tenant, unembedded)])
-
     def batches_dispatched(self, batches: Sequence[DispatchedBatch]) -> None:
-        """Several batches left the grouper in one tick (one round trip)."""
+        """Batches left the grouper in one tick (one round trip)."""
         if not batches:
             return
         b = _Batch()

@@ -36,7 +36,7 @@ from ops.monitor.settings import monitor_settings
 from producers.keys import Keys
 from tests.support.config import default_config, merged
 from workers.alerting import alert_settings, run_once
-from workers.telemetry import Telemetry
+from workers.telemetry import DispatchedBatch, Telemetry
 
 CHROMIUM = "/usr/bin/chromium"
 REDIS_HOST = os.environ.get("COHORT_TEST_REDIS", "redis://127.0.0.1:6379")
@@ -77,7 +77,7 @@ class Traffic(threading.Thread):
         p_in, p_out = PRICES[tier]
         size = 3
         call_cost = (450 * p_in + 160 * p_out) / 1000
-        t.batch_dispatched(size=size, kind="cluster", tenant="acme")
+        t.batches_dispatched([DispatchedBatch(size, "cluster", "acme")])
         t.upstream_call(tier=tier, tenant="acme", outcome="ok", tokens_in=450, tokens_out=160, cost=call_cost,
                         latency_s=0.35 + 0.05 * (n % 5), items=size)
         for i in range(size):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -18,10 +19,13 @@ import redis
 from ops.configfile import default_config, merged
 from ops.launcher import REDIS_HOST
 from producers import CohortClient
+from producers.errors import ProviderUnavailable, RedeliveryLimit
+from producers.schema import PromptItem
+from workers.delivery import Finisher
 from workers.encoder import CachedEncoder, Encoder, text_hash
 from workers.grouper import Grouper
 from workers.settings import WorkerSettings, worker_settings
-from workers.telemetry import counter_field
+from workers.telemetry import Telemetry, counter_field
 
 DB = 15
 PREFIX = "grouper-ticks-test"
@@ -169,3 +173,21 @@ def test_only_items_that_a_packed_call_could_make_cheaper_are_held(client: redis
     assert report.next_due_s is not None and 4.0 < report.next_due_s <= 5.0
     rig.offset = 6.0
     assert rig.grouper.tick().dispatched_items == len(PROMPTS) - 3
+
+
+def test_a_follower_that_leads_its_own_duplicates_resolves_them_when_it_is_given_up(
+        client: redis.Redis, encoder: Encoder) -> None:
+    """X leads its exact copy Y, then follows a near duplicate L. L fails and X may not be submitted
+    again (``max_redeliveries = 0``): X ends failed, and so does Y, instead of waiting forever."""
+    rig = Rig(client, encoder, {"max_wait_s": 5.0})
+    rig.settings = replace(rig.settings, delivery=replace(rig.settings.delivery, max_redeliveries=0))
+    finisher = Finisher(rig.settings, client, telemetry=Telemetry(client, rig.keys))
+    [leader] = rig.producer.submit_many(["What is the fee for an international transfer?"])
+    rig.grouper.tick()
+    x, y = rig.producer.submit_many(["What's the fee for an international transfer"] * 2)
+    report = rig.grouper.tick()
+    assert report.coalesced == 2, "Y follows X (exact), X follows L (near)"
+    leader_item = PromptItem.from_json(client.get(rig.keys.item(leader.id)))
+    finisher.failed(leader_item, ProviderUnavailable("every tier is down"))
+    outcomes = [rig.producer.get(x.id), rig.producer.get(y.id)]
+    assert all(isinstance(o, RedeliveryLimit) for o in outcomes), outcomes

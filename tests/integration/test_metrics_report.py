@@ -35,7 +35,7 @@ from producers.errors import ConfigError
 from producers.keys import GROUPER_CONSUMER_GROUP, Keys
 from tests.support.config import default_config, merged, write_config
 from workers.alerting import AlertStore, alert_settings, run_once
-from workers.telemetry import LATENCY_BUCKETS, Telemetry
+from workers.telemetry import LATENCY_BUCKETS, DispatchedBatch, Telemetry
 
 DB = 14
 REDIS_HOST = os.environ.get("COHORT_TEST_REDIS", "redis://127.0.0.1:6379")
@@ -140,9 +140,9 @@ def feed_known_traffic(client: redis.Redis, keys: Keys) -> Known:
     priced.fallback(from_tier="primary", to_tier="secondary", reason="circuit_open")
     priced.fallback(from_tier="secondary", to_tier=None, reason="exhausted")
     for _ in range(10):
-        priced.batch_dispatched(size=3, kind="cluster", tenant="acme")
+        priced.batches_dispatched([DispatchedBatch(3, "cluster", "acme")])
     for _ in range(5):
-        priced.batch_dispatched(size=1, kind="single", tenant="beta")
+        priced.batches_dispatched([DispatchedBatch(1, "single", "beta")])
     for duration in (0.01, 0.02, 0.03):
         priced.grouping_tick(duration_s=duration, claimed=3, dispatched=3, open_items=4)
     for _ in range(4):
