@@ -16,12 +16,11 @@ partition), under a Redis lock so that one grouper runs at a time however many n
    no packed call could make cheaper (no shared context, a short system message) are not held
    at all (``wait_for_packing_only``): they go at the next tick;
 5. record each batch in Redis before sending its task, and send again any batch whose task was
-   never confirmed sent or has outlived the broker's redelivery window.
+   never confirmed sent or has outlived the broker's redelivery window (``workers.batch_ledger``).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 import uuid
@@ -38,10 +37,10 @@ from producers.errors import (
     GrouperLockLost,
     InvalidPrompt,
     ItemFailed,
-    RedeliveryLimit,
 )
 from producers.keys import Keys
 from producers.schema import PromptItem
+from workers.batch_ledger import BatchLedger, Dispatch
 from workers.clustering import cluster, cpu_threads
 from workers.coalescing import Attach, Marker, coalescing_scope
 from workers.delivery import Finisher
@@ -61,24 +60,6 @@ ENCODER_GRACE_S = 0.1
 """How long the encoder may keep an item waiting past its due time. An item that is not held
 (nothing to pack) counts as due one beat interval after its submission: it cannot go sooner
 anyway. Under overload, items claimed later than that are not embedded, which keeps ticks short."""
-
-
-MARK_SENT = """
--- KEYS: batch record, inflight set. ARGV: sent at, next check, batch id.
-if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end  -- completed and forgotten meanwhile
-redis.call('HINCRBY', KEYS[1], 'dispatches', 1)
-local ended = tonumber(redis.call('HGET', KEYS[1], 'ended_at') or '0') or 0
-if ended >= tonumber(ARGV[1]) then  -- a delivery of this task already ended incomplete
-  redis.call('HSET', KEYS[1], 'dispatched_at', ARGV[1])
-  return 1
-end
-redis.call('HSET', KEYS[1], 'dispatched_at', ARGV[1], 'ended_at', 0)
-redis.call('ZADD', KEYS[2], 'XX', ARGV[2], ARGV[3])
-return 1
-"""
-
-Dispatch = Callable[[str, int], None]
-"""Sends the task of a recorded batch: ``dispatch(batch_id, item_count)``."""
 
 
 @dataclass
@@ -121,7 +102,6 @@ class Grouper:
         self.keys: Keys = settings.producer.redis.keys
         self._redis = client
         self._encoder = encoder
-        self._dispatch = dispatch
         self._telemetry = telemetry or Telemetry(client, self.keys)
         self._clock = clock
         self._stream = PendingStream(client, self.keys)
@@ -129,7 +109,7 @@ class Grouper:
         self._writer = self._finisher.writer
         self._coalescing = self._finisher.coalescing
         self._release = client.register_script(RELEASE_IF_OWNER)
-        self._mark_sent_script = client.register_script(MARK_SENT)
+        self._ledger = BatchLedger(settings, client, dispatch=dispatch, finisher=self._finisher, clock=clock)
         self._extend = client.register_script(EXTEND_IF_OWNER)
         self._open: dict[str, OpenItem] = {}
         self._generation: int | None = None
@@ -153,7 +133,7 @@ class Grouper:
             self._keep_lock(token)
             batches, items = self._flush()
             self._fail_overdue_followers()
-            self._sweep_inflight()
+            self._ledger.sweep()
         except BaseException:
             self._generation = None  # the pool in memory may disagree with Redis: reload it next tick
             raise
@@ -475,20 +455,18 @@ class Grouper:
         self._generation = (self._generation or 0) + 1
         self._finisher.failed(entry.item, error)
 
-    # --- 5: record, dispatch, redispatch ------------------------------------------------
+    # --- 5: record and dispatch ------------------------------------------------------
     def _record_and_dispatch(self, batches: list[tuple[list[OpenItem], str]]) -> None:
-        """Record the batches in Redis (one transaction), send their tasks, then note them sent."""
+        """Record the batches and take their items out of the open pool (one transaction), then
+        send their tasks."""
         if not batches:
             return
         now = self._clock()
         batch_ids = [uuid.uuid4().hex for _ in batches]
         pipe = self._redis.pipeline(transaction=True)
         for batch_id, (members, kind) in zip(batch_ids, batches, strict=True):
-            record = {"items": json.dumps([m.item.id for m in members]), "kind": kind,
-                      "tenant": members[0].item.tenant, "created": now, "dispatched_at": 0, "dispatches": 0}
-            pipe.hset(self.keys.batch(batch_id), mapping=record)
-            pipe.expire(self.keys.batch(batch_id), self.settings.producer.result_ttl_s)
-            pipe.zadd(self.keys.inflight(), {batch_id: now + self.settings.delivery.redispatch_after_s})
+            self._ledger.record(pipe, batch_id, [m.item.id for m in members], kind=kind,
+                                tenant=members[0].item.tenant, now=now)
             pipe.zrem(self.keys.open_pool(), *[m.item.id for m in members])
             for m in members:
                 pipe.hset(self.keys.item_status(m.item.id), mapping={"status": "batched", "batch": batch_id})
@@ -498,63 +476,11 @@ class Grouper:
         for members, _ in batches:
             for m in members:
                 self._open.pop(m.item.id, None)
-        sent: list[tuple[str, float]] = []
-        try:
-            for batch_id, (members, _) in zip(batch_ids, batches, strict=True):
-                sent_at = self._clock()
-                self._dispatch(batch_id, len(members))
-                sent.append((batch_id, sent_at))
-        finally:
-            self._mark_sent(sent)
+        self._ledger.send([(batch_id, len(members)) for batch_id, (members, _) in zip(batch_ids, batches, strict=True)])
         self._telemetry.batches_dispatched([
             DispatchedBatch(len(members), kind, members[0].item.tenant,
                             unembedded=sum(m.needs_vector and m.vector is None for m in members))
             for members, kind in batches])
-
-    def _mark_sent(self, sent: list[tuple[str, float]]) -> None:
-        """Note batches' tasks sent (``(batch id, time just before sending)``): their next check is
-        then only for a broker that lost them. A batch already completed and forgotten is left
-        alone, and so is the early check of a delivery that already ended incomplete."""
-        if not sent:
-            return
-        pipe = self._redis.pipeline(transaction=False)
-        lost_after = self.settings.delivery.lost_batch_after_s
-        for batch_id, sent_at in sent:
-            self._mark_sent_script(keys=[self.keys.batch(batch_id), self.keys.inflight()],
-                                   args=[sent_at, sent_at + lost_after, batch_id], client=pipe)
-        pipe.execute()
-
-    def _sweep_inflight(self) -> None:
-        """Send again the batches that need it; fail those sent too often.
-
-        The score of a batch in the inflight set is the time of its next check: shortly after it is
-        recorded (was its task really sent?), when a delivery ended without completing it, and
-        ``lost_batch_after_s`` after its last dispatch (did the broker lose the task?).
-        """
-        now = self._clock()
-        delivery = self.settings.delivery
-        for raw_id in self._redis.zrangebyscore(self.keys.inflight(), "-inf", now, start=0, num=100):
-            batch_id = raw_id.decode()
-            record = self._redis.hgetall(self.keys.batch(batch_id))
-            if not record:
-                self._redis.zrem(self.keys.inflight(), batch_id)
-                continue
-            dispatches = int(record.get(b"dispatches", 0) or 0)
-            if dispatches > delivery.max_redeliveries:
-                self._fail_batch(batch_id, record, RedeliveryLimit(
-                    f"batch was dispatched {dispatches} times without completing", dispatches=dispatches))
-                continue
-            sent_at = self._clock()
-            self._dispatch(batch_id, len(json.loads(record[b"items"])))
-            self._mark_sent([(batch_id, sent_at)])
-
-    def _fail_batch(self, batch_id: str, record: dict[bytes, bytes], error: CohortError) -> None:
-        item_ids = json.loads(record[b"items"])
-        self._finisher.fail_ids(item_ids, error)
-        pipe = self._redis.pipeline(transaction=False)
-        pipe.zrem(self.keys.inflight(), batch_id)
-        pipe.delete(self.keys.batch(batch_id))
-        pipe.execute()
 
 
 PREFIX_KEY = "pre:"
