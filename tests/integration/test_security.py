@@ -179,11 +179,14 @@ def test_keys_and_prompts_never_leak(cohort: Cohort) -> None:
         # The task messages, read from the broker before any inference worker takes them.
         queue = cohort.keys.broker_queue("inference")
 
-        def all_batched() -> bool:
-            statuses = [cohort.redis.hget(cohort.keys.item_status(h.id), "status") for h in handles]
-            return all(s == b"batched" for s in statuses)
+        def all_sent() -> bool:
+            statuses = [cohort.redis.hmget(cohort.keys.item_status(h.id), "status", "batch") for h in handles]
+            if not all(status == b"batched" for status, _ in statuses):
+                return False
+            # A batch is recorded before its task is sent: wait for every task in the queue too.
+            return int(cohort.redis.llen(queue)) >= len({batch for _, batch in statuses})
 
-        wait_until(all_batched, timeout=60, message="every item in a dispatched batch")
+        wait_until(all_sent, timeout=60, message="every item in a batch whose task is in the queue")
         messages = cohort.redis.lrange(queue, 0, -1)
         assert messages
         for message in messages:
