@@ -46,6 +46,7 @@ from typing import Any
 import numpy as np
 import redis
 
+from ops.baselines.measure import Poller
 from ops.configfile import default_config, merged
 from ops.launcher import REDIS_HOST, run_cohort
 from ops.workloads import Prompt, banking77
@@ -54,7 +55,7 @@ from workers.encoder import CachedEncoder, Encoder, resolve_quantize
 from workers.grouper import Grouper
 from workers.packing import prefix_key
 from workers.settings import worker_settings
-from workers.telemetry import counter_field
+from workers.telemetry import read_counter
 
 DB = 5
 DEFAULT_OUT = Path(__file__).resolve().parent.parent / "docs" / "benchmarks" / "grouper.md"
@@ -82,12 +83,6 @@ class TimedEncoder(Encoder):
             return super().encode(texts)
         finally:
             self.seconds += time.perf_counter() - started
-
-
-def encoder_threads_of(encoder: Encoder) -> int:
-    import torch
-
-    return int(torch.get_num_threads())
 
 
 def _encoder_name(encoder: Encoder) -> str:
@@ -189,7 +184,7 @@ def throughput(items: int, repeats: int) -> tuple[list[str], float]:
         "shared prefix, which the grouper groups without embedding them: those are left out, so that both sides "
         f"embed the same texts), {repeats} repeats, each running both back to back in alternating order; "
         "one model loaded once, "
-        f"batch 64 for both; the default encoder ({_encoder_name(encoder)}, {encoder_threads_of(encoder)} torch "
+        f"batch 64 for both; the default encoder ({_encoder_name(encoder)}, {grouping.encoder_threads} torch "
         "thread, as the grouper runs it). Grouper: real Redis (db 5), "
         "`CachedEncoder` with an empty cache, `max_wait_s = 0` with `embed_late = true` (every item is "
         "embedded before it is flushed: the grouper does all of its work), dispatch recording batches; timed "
@@ -258,48 +253,36 @@ STAGES = ("grouping", "batched", "running")
 """Item statuses in order: claimed into the open pool, recorded in a batch, its batch task started."""
 
 
-class StageWatcher:
+class StageWatcher(Poller):
     """Polls the status of a sample of items and notes when each is first seen in each stage."""
 
     def __init__(self, client: CohortClient, period_s: float = 0.02) -> None:
+        super().__init__(period_s, name="stage-watcher")
         self._client = client
-        self._period = period_s
         self._watched: dict[str, float] = {}
         self.seen: dict[str, dict[str, float]] = {}
         self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="stage-watcher", daemon=True)
-
-    def __enter__(self) -> StageWatcher:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
 
     def watch(self, item_id: str, submitted_at: float) -> None:
         with self._lock:
             self._watched[item_id] = submitted_at
             self.seen[item_id] = {"submitted": submitted_at}
 
-    def _run(self) -> None:
-        keys = self._client.keys
-        while not self._stop.wait(self._period):
-            with self._lock:
-                open_ids = [i for i, stages in self.seen.items() if "running" not in stages]
-            if not open_ids:
-                continue
-            pipe = self._client.redis.pipeline(transaction=False)
-            for item_id in open_ids:
-                pipe.hget(keys.item_status(item_id), "status")
-            now = time.time()
-            for item_id, raw in zip(open_ids, pipe.execute(), strict=True):
-                status = raw.decode() if raw else ""
-                if status in STAGES:
-                    stages = self.seen[item_id]
-                    for stage in STAGES[: STAGES.index(status) + 1]:
-                        stages.setdefault(stage, now)
+    def poll(self) -> None:
+        with self._lock:
+            open_ids = [i for i, stages in self.seen.items() if "running" not in stages]
+        if not open_ids:
+            return
+        pipe = self._client.redis.pipeline(transaction=False)
+        for item_id in open_ids:
+            pipe.hget(self._client.keys.item_status(item_id), "status")
+        now = time.time()
+        for item_id, raw in zip(open_ids, pipe.execute(), strict=True):
+            status = raw.decode() if raw else ""
+            if status in STAGES:
+                stages = self.seen[item_id]
+                for stage in STAGES[: STAGES.index(status) + 1]:
+                    stages.setdefault(stage, now)
 
     def breakdown(self) -> dict[str, list[float]]:
         """Seconds spent before being claimed, in the open pool, and between batching and the task's start."""
@@ -348,8 +331,7 @@ def _latency_run(cohort: Any, prompts: list[Prompt], rate: float) -> dict[str, A
 
 def _unembedded(cohort: Any) -> int:
     """Items the grouper flushed before its encoder reached them (its telemetry counter)."""
-    raw = cohort.redis.hget(cohort.keys.metric_counters(), counter_field("unembedded_items"))
-    return int(float(raw)) if raw else 0
+    return int(read_counter(cohort.redis, cohort.keys, "unembedded_items"))
 
 
 SINGLE_THREAD_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}

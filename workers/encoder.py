@@ -10,9 +10,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import redis
 
-from producers.errors import ConfigError
 from producers.keys import Keys
-from workers.settings import QUANTIZE_CHOICES
 
 if TYPE_CHECKING:
     from workers.settings import GroupingSettings
@@ -27,15 +25,13 @@ def text_hash(text: str) -> str:
 
 
 def resolve_quantize(quantize: str) -> bool:
-    """Whether ``quantize`` ("auto", "int8" or "none") means int8 on this CPU.
+    """Whether ``quantize`` ("auto", "int8" or "none", checked when the settings are read) means int8
+    on this CPU.
 
     ``auto`` is int8 where the CPU has an int8 dot product that accumulates in 32 bits (VNNI or
     AMX): there int8 keeps a mean cosine of 0.995 to float embeddings; without it, x86 int8
     kernels need 7-bit activations and the cosine drops to ~0.98, so ``auto`` stays float.
     """
-    if quantize not in QUANTIZE_CHOICES:
-        raise ConfigError(f"encoder quantize must be one of {', '.join(QUANTIZE_CHOICES)}; got {quantize!r}",
-                          key="grouping.encoder_quantize")
     if quantize == "auto":
         from workers.encoder_loading import cpu_has_vnni
 
@@ -134,10 +130,7 @@ class CachedEncoder:
 
     def lookup(self, texts: Sequence[str]) -> list[np.ndarray | None]:
         """The cached embedding of each text, or ``None`` (one round trip)."""
-        if not texts:
-            return []
-        found = [None if raw is None else np.frombuffer(raw, dtype=np.float32)
-                 for raw in self._redis.mget([self._key(t) for t in texts])]
+        found = self.cached_vectors([text_hash(t) for t in texts])
         hits = sum(v is not None for v in found)
         self.hits += hits
         self.misses += len(texts) - hits

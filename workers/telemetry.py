@@ -392,6 +392,12 @@ class Telemetry:
 
 
 # --- reading the windows back (alerts, dashboard, metrics) -----------------------------------
+def read_counter(client: redis.Redis, keys: Keys, name: str, labels: Mapping[str, Any] | None = None) -> float:
+    """The current value of one labelled counter (0 if never counted)."""
+    raw = client.hget(keys.metric_counters(), counter_field(name, labels))
+    return float(raw) if raw else 0.0
+
+
 def window_totals(client: redis.Redis, keys: Keys, *, end: float, seconds: int) -> dict[str, float]:
     """Sum of the per-second telemetry windows of the ``seconds`` seconds ending at ``end``."""
     last = int(end)

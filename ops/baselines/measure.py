@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import redis
 
@@ -44,26 +44,42 @@ class Outcome:
     failed: bool = False
 
 
-class ResultWatcher:
-    """Polls the result keys of submitted prompts in a thread and records when each first appears."""
+class Poller:
+    """A daemon thread that calls ``poll()`` every ``period_s`` while the ``with`` block runs."""
 
-    def __init__(self, client: redis.Redis, key_for: Callable[[str], str], *, interval_s: float = 0.01) -> None:
-        self._redis = client
-        self._key_for = key_for
-        self._interval = interval_s
-        self._lock = threading.Lock()
-        self._pending: dict[str, str] = {}
-        self.outcomes: dict[str, Outcome] = {}
+    def __init__(self, period_s: float, *, name: str) -> None:
+        self._period = period_s
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="result-watcher", daemon=True)
+        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
 
-    def __enter__(self) -> ResultWatcher:
+    def __enter__(self) -> Self:
         self._thread.start()
         return self
 
     def __exit__(self, *_: object) -> None:
         self._stop.set()
         self._thread.join(timeout=5)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self.poll()
+            self._stop.wait(self._period)
+
+    def poll(self) -> None:
+        """One look (in the poller's thread)."""
+        raise NotImplementedError
+
+
+class ResultWatcher(Poller):
+    """Polls the result keys of submitted prompts in a thread and records when each first appears."""
+
+    def __init__(self, client: redis.Redis, key_for: Callable[[str], str], *, interval_s: float = 0.01) -> None:
+        super().__init__(interval_s, name="result-watcher")
+        self._redis = client
+        self._key_for = key_for
+        self._lock = threading.Lock()
+        self._pending: dict[str, str] = {}
+        self.outcomes: dict[str, Outcome] = {}
 
     def add(self, ids: Iterable[str], submitted: float) -> None:
         with self._lock:
@@ -84,30 +100,28 @@ class ResultWatcher:
             time.sleep(0.02)
         return True
 
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            with self._lock:
-                pending = list(self._pending.items())
-            for start in range(0, len(pending), 2000):
-                chunk = pending[start:start + 2000]
-                try:
-                    raws = self._redis.mget([key for _, key in chunk])
-                except redis.RedisError:
+    def poll(self) -> None:
+        with self._lock:
+            pending = list(self._pending.items())
+        for start in range(0, len(pending), 2000):
+            chunk = pending[start:start + 2000]
+            try:
+                raws = self._redis.mget([key for _, key in chunk])
+            except redis.RedisError:
+                continue
+            now = time.monotonic()
+            for (item_id, _), raw in zip(chunk, raws, strict=True):
+                if raw is None:
                     continue
-                now = time.monotonic()
-                for (item_id, _), raw in zip(chunk, raws, strict=True):
-                    if raw is None:
-                        continue
-                    meta = json.loads(raw)
-                    if meta.get("status") not in FINAL:
-                        continue
-                    with self._lock:
-                        outcome = self.outcomes[item_id]
-                        outcome.seen = now
-                        outcome.failed = meta["status"] != "SUCCESS"
-                        outcome.result = meta.get("result") if not outcome.failed else None
-                        self._pending.pop(item_id, None)
-            self._stop.wait(self._interval)
+                meta = json.loads(raw)
+                if meta.get("status") not in FINAL:
+                    continue
+                with self._lock:
+                    outcome = self.outcomes[item_id]
+                    outcome.seen = now
+                    outcome.failed = meta["status"] != "SUCCESS"
+                    outcome.result = meta.get("result") if not outcome.failed else None
+                    self._pending.pop(item_id, None)
 
 
 @dataclass

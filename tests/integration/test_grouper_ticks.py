@@ -25,7 +25,7 @@ from workers.delivery import Finisher
 from workers.encoder import CachedEncoder, Encoder, text_hash
 from workers.grouper import Grouper
 from workers.settings import WorkerSettings, worker_settings
-from workers.telemetry import Telemetry, counter_field
+from workers.telemetry import Telemetry, read_counter
 
 DB = 15
 PREFIX = "grouper-ticks-test"
@@ -83,8 +83,7 @@ class Rig:
         return bool(self.redis.exists(self.keys.embedding(text_hash(text), self.cached.encoder.cache_tag)))
 
     def unembedded_count(self) -> int:
-        raw = self.redis.hget(self.keys.metric_counters(), counter_field("unembedded_items"))
-        return int(float(raw)) if raw else 0
+        return int(read_counter(self.redis, self.keys, "unembedded_items"))
 
     def batched_items(self) -> int:
         return sum(size for _, size in self.batches)
